@@ -1,0 +1,134 @@
+"""Text sources → token windows for calibration and evaluation.
+
+A source is one of:
+  stdlib                      docstrings of Python's standard library (embedded, offline); its
+                              documents are split by content hash into disjoint train /
+                              calibration / eval parts, so calibration and eval never share text;
+  wikitext2                   WikiText-2 raw from the hub (train split for calibration, test for eval);
+  hf:NAME[:CONFIG]:SPLIT[:FIELD]  any hub dataset with a text field (default field "text");
+  PATH                        a local .txt, .jsonl ("text" or chat "messages" per line) or a folder of them.
+Windows are non-overlapping `seq_len`-token slices of the documents joined by blank lines, taken in
+order; the same source, tokenizer and length always give the same windows.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sysconfig
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from qmerge.errors import QmergeError
+
+PARTS = {"train": range(0, 4), "calibration": range(4, 7), "eval": range(7, 10)}
+
+
+@lru_cache(maxsize=1)
+def stdlib_docstrings() -> tuple[str, ...]:
+    """Every module, class and function docstring of the standard library, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if rel[0] in ("site-packages", "test", "tests", "idlelib", "lib2to3") or "tests" in rel:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 200:
+                    docs.append(doc)
+    return tuple(dict.fromkeys(docs))  # drop repeats, keep order
+
+
+def stdlib_part(part: str) -> list[str]:
+    """The documents of one part; membership is decided by each document's own hash."""
+    buckets = PARTS[part]
+    return [d for d in stdlib_docstrings() if int(hashlib.sha256(d.encode()).hexdigest(), 16) % 10 in buckets]
+
+
+def load_texts(source: str, role: str, tokenizer=None) -> list[str]:
+    """Documents of `source` for `role` ("calibration", "eval" or "train")."""
+    if source == "stdlib":
+        return stdlib_part(role)
+    if source == "wikitext2":
+        return _hub_texts("wikitext", "wikitext-2-raw-v1", "test" if role == "eval" else "train", "text")
+    if source.startswith("hf:"):
+        parts = source[3:].split(":")
+        if len(parts) < 2:
+            raise QmergeError(f"data source {source!r} needs hf:NAME[:CONFIG]:SPLIT[:FIELD], e.g. hf:wikitext:wikitext-2-raw-v1:test")
+        name, rest = parts[0], parts[1:]
+        field = rest.pop() if len(rest) == 3 else "text"
+        config = rest[0] if len(rest) == 2 else None
+        return _hub_texts(name, config, rest[-1], field)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise QmergeError(f"data source {source!r} is neither a preset (stdlib, wikitext2, hf:...) nor an existing file")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise QmergeError(f"{path} holds no .txt or .jsonl files; add some or name a file")
+    return [doc for f in files for doc in _file_texts(f, tokenizer)]
+
+
+def _file_texts(path: Path, tokenizer) -> list[str]:
+    if path.suffix != ".jsonl":
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    docs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QmergeError(f"{path}:{n} is not valid JSON ({e.msg}); fix the line") from e
+        if "messages" in row and tokenizer is not None:
+            docs.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+        elif "text" in row:
+            docs.append(row["text"])
+        else:
+            raise QmergeError(f"{path}:{n} has neither 'text' nor 'messages'; give each line one of them")
+    return docs
+
+
+def _hub_texts(name: str, config: str | None, split: str, field: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types for a missing or unreachable dataset
+        raise QmergeError(f"cannot load dataset {name}/{config}:{split} ({type(e).__name__}); check the name and your network") from e
+    if field not in ds.column_names:
+        raise QmergeError(f"dataset {name} has no field {field!r}; its fields are {', '.join(ds.column_names)}")
+    return [t for t in ds[field] if t and t.strip()]
+
+
+def token_windows(texts: list[str], tokenizer, seq_len: int, count: int, what: str) -> torch.Tensor:
+    """`count` non-overlapping windows of `seq_len` tokens, shape (count, seq_len)."""
+    if not texts or not any(t.strip() for t in texts):
+        raise QmergeError(f"the {what} text is empty; name a source with text in it")
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
+    available = ids.numel() // seq_len
+    if available < count:
+        raise QmergeError(
+            f"the {what} text has {ids.numel()} tokens, {available} windows of {seq_len}; "
+            f"{count} were asked for: lower the sample count or --seq-len, or add text"
+        )
+    return ids[: count * seq_len].view(count, seq_len).clone()
+
+
+def window_hashes(windows: torch.Tensor) -> set[str]:
+    return {hashlib.sha256(w.numpy().tobytes()).hexdigest() for w in windows}
+
+
+def check_disjoint(calibration: torch.Tensor, evaluation: torch.Tensor) -> None:
+    """Refuse an eval set that shares a window with the calibration set."""
+    shared = window_hashes(calibration) & window_hashes(evaluation)
+    if shared:
+        raise QmergeError(f"{len(shared)} eval windows also occur in the calibration set; use a different eval source or split")

@@ -1,0 +1,94 @@
+"""Drift of each candidate from the reference, the QLoRA model as trained (base loaded in 4-bit by
+bitsandbytes, adapter unmerged via PEFT), on one shared token stream.
+
+Every model computes in float32, so the numbers measure weights rather than arithmetic. The
+training-time compute dtype (bf16 by default) is measured separately as the noise floor: the same
+reference with its 4-bit layers computing in that dtype. Reference and candidates run window batch
+by window batch, so full-vocabulary logits exist for one batch only (never for the whole eval set);
+the price is that all models are resident at once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from qmerge.metrics import summarize, token_stats
+from qmerge.nf4 import bnb_config, torch_dtype
+from qmerge.settings import NF4Settings
+
+NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
+
+
+def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: torch.device):
+    """Base quantized by bitsandbytes at load + the adapter, unmerged: the model as trained."""
+    from peft import PeftModel
+
+    import bitsandbytes as bnb
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, quantization_config=bnb_config(nf4, compute_dtype="float32"), device_map={"": device}
+    )
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight at the first forward and then
+            # computes in bf16 whatever compute_dtype says; keep the float32 path the metrics assume.
+            module.support_avx512bf16_for_cpu = False
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def load_candidate(path: Path, device: torch.device):
+    """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config)."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device}).eval()
+
+
+def _set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = dtype
+
+
+@torch.inference_mode()
+def evaluate(
+    reference: torch.nn.Module,
+    candidates: dict[str, torch.nn.Module],
+    windows: torch.Tensor,
+    training_compute_dtype: str,
+    batch_size: int = 1,
+    show_progress: bool = True,
+) -> dict[str, dict]:
+    """Metrics of every candidate (and of the noise floor) against the reference.
+
+    Scored positions: in each window of L tokens, the L−1 next-token predictions from the window's
+    own prefix (no context carried across windows); standard errors are clustered by window."""
+    device = next(reference.parameters()).device
+    stats: dict[str, defaultdict[str, list]] = {}
+    floor_dtype = torch_dtype(training_compute_dtype)
+    clusters = []
+    for start in tqdm(range(0, len(windows), batch_size), desc="drift", unit="batch", disable=not show_progress, leave=False):
+        ids = windows[start : start + batch_size].to(device)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        clusters.append(torch.arange(start, start + len(ids)).repeat_interleave(targets.shape[1]))
+        ref_logits = reference(input_ids=inputs).logits.float()
+        runs = dict(candidates)
+        if floor_dtype != torch.float32:
+            runs[NOISE_FLOOR] = None
+        for name, model in runs.items():
+            if model is None:
+                _set_4bit_compute_dtype(reference, floor_dtype)
+                logits = reference(input_ids=inputs).logits.float()
+                _set_4bit_compute_dtype(reference, torch.float32)
+            else:
+                logits = model(input_ids=inputs).logits.float()
+            s = token_stats(ref_logits, logits, targets)
+            acc = stats.setdefault(name, defaultdict(list))
+            for field in ("nll_ref", "nll", "kld", "top1_same"):
+                acc[field].append(getattr(s, field).cpu())
+    cluster_ids = torch.cat(clusters)
+    return {name: summarize(**{k: torch.cat(v) for k, v in acc.items()}, clusters=cluster_ids) for name, acc in stats.items()}

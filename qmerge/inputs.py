@@ -1,0 +1,56 @@
+"""Resolve BASE and ADAPTER arguments to local directories: a local folder as is, otherwise a
+Hugging Face hub id fetched with huggingface_hub (safetensors, configs and tokenizer only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from qmerge.errors import QmergeError
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve(spec: str, what: str) -> Path:
+    """A local directory, or a hub id downloaded to the hub cache (network only when named)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QmergeError(f"{what} {spec} is a file; pass the directory that holds it")
+        return path
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise QmergeError(f"{what} directory {spec} does not exist; pass an existing folder or a hub id such as org/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise QmergeError(f"cannot fetch {what} {spec!r} from the hub ({type(e).__name__}); check the id, your network and HF_TOKEN") from e
+
+
+def load_base_config(base: Path, trust_remote_code: bool = False):
+    """The base's transformers config; pre-quantized or remote-code bases are refused here."""
+    if not (base / "config.json").exists():
+        raise QmergeError(f"{base} has no config.json; pass a Hugging Face model directory")
+    raw = json.loads((base / "config.json").read_text())
+    if raw.get("auto_map") and not trust_remote_code:
+        raise QmergeError(f"{base} needs remote code (auto_map in config.json); qmerge does not run it")
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?")
+        raise QmergeError(f"{base} is already quantized ({method}); pass the bf16/fp16 base the adapter's bnb load started from")
+    return AutoConfig.from_pretrained(base)
+
+
+def tree_sha256(directory: Path) -> str:
+    """One hash over the names and bytes of every file under `directory` (inputs' identity in the report)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(directory).rglob("*") if q.is_file() and ".cache" not in q.parts):
+        h.update(str(p.relative_to(directory)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

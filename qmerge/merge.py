@@ -1,0 +1,81 @@
+"""W_as_trained + scale·B·A, streamed tensor by tensor from the base into HF-style shards.
+
+Only one base tensor (plus the current output shard) is in memory at a time; the NF4 round trip and
+the LoRA product run on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qmerge.adapter import Adapter, check_fits
+from qmerge.checkpoint import INDEX_NAME, LazyCheckpoint, ShardWriter
+from qmerge.nf4 import quantized_linear_names, round_trip, torch_dtype
+from qmerge.settings import NF4Settings
+
+_WEIGHT_FILES = ("*.safetensors", INDEX_NAME, "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    nf4_modules: int  # linear layers replaced by their NF4 round trip
+    lora_modules: int  # layers that received a LoRA delta
+    tensors: int
+
+
+def merge(
+    base_dir: Path,
+    adapter: Adapter | None,
+    out_dir: Path,
+    nf4: NF4Settings,
+    dtype: str,
+    device: torch.device,
+    into: str = "nf4",
+    show_progress: bool = True,
+) -> MergeResult:
+    """Write `out_dir` as a plain HF checkpoint of (NF4-round-tripped or original) base + adapter.
+
+    into="nf4": the weights the adapter was trained against (qmerge's default);
+    into="original": the 16-bit weights, as PEFT on fp16 / unsloth / LLaMA-Factory merge.
+    adapter=None writes the base's NF4 round trip alone.
+    """
+    from qmerge.inputs import load_base_config
+
+    config = load_base_config(base_dir)
+    base = LazyCheckpoint.open(base_dir)
+    if adapter is not None:
+        check_fits(adapter, base)
+    deltas = adapter.modules if adapter is not None else {}
+    quantized = {f"{n}.weight" for n in quantized_linear_names(config, nf4)} if into == "nf4" else set()
+    out_dtype = torch_dtype(dtype)
+    writer = ShardWriter(out_dir)
+    keys = base.keys()
+    for key in tqdm(keys, desc="merge", unit="tensor", disable=not show_progress, leave=False):
+        tensor = base.get(key)
+        if key in quantized or key in deltas:
+            w = round_trip(tensor, nf4, device) if key in quantized else tensor.to(device, torch.float32)
+            if key in deltas:
+                w += deltas[key].delta(device)
+            tensor = w
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype=out_dtype)
+        writer.add(key, tensor.cpu())
+    writer.finish()
+    _write_metadata(base_dir, out_dir, config, dtype)
+    return MergeResult(len(quantized), len(deltas), len(keys))
+
+
+def _write_metadata(base_dir: Path, out_dir: Path, config, dtype: str) -> None:
+    """Tokenizer, chat template, generation config copied; config without quantization_config."""
+    for p in base_dir.iterdir():
+        if p.is_file() and p.name != "config.json" and not any(p.match(g) for g in _WEIGHT_FILES):
+            shutil.copy2(p, out_dir / p.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch_dtype(dtype)
+    config.save_pretrained(out_dir)

@@ -1,0 +1,98 @@
+"""Pure metric math, following llama.cpp's perplexity tool: per-token statistics of a candidate
+against the reference (reference as P in the KL divergence), then means with standard errors.
+
+Tokens within one window share context, so they are not independent: every standard error here is
+clustered by window (the sum over windows of squared deviations of window totals, with the G/(G-1)
+small-sample factor), which is wider and honest where a per-token SE would be too narrow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per scored position, flattened over a batch of windows."""
+
+    nll_ref: torch.Tensor
+    nll: torch.Tensor
+    kld: torch.Tensor
+    top1_same: torch.Tensor  # bool
+
+
+def token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+    """Logits (B, T, V) predicting `targets` (B, T). Computed in float64 so that KL values near
+    1e-6 are not rounding noise."""
+    ref_lp = torch.log_softmax(ref_logits.double(), dim=-1)
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    kld = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0)
+    idx = targets.unsqueeze(-1)
+    return TokenStats(
+        nll_ref=-ref_lp.gather(-1, idx).squeeze(-1).flatten(),
+        nll=-lp.gather(-1, idx).squeeze(-1).flatten(),
+        kld=kld.flatten(),
+        top1_same=(ref_lp.argmax(-1) == lp.argmax(-1)).flatten(),
+    )
+
+
+def clustered_mean(values: torch.Tensor, clusters: torch.Tensor) -> tuple[float, float]:
+    """Mean of `values` and its standard error with observations clustered by `clusters`
+    (the CR1 sandwich estimator for a mean): SE² = G/(G−1) · Σ_g (S_g − m·n_g)² / N²."""
+    v = values.double().flatten()
+    c = clusters.flatten()
+    n = v.numel()
+    mean = v.mean().item()
+    _, inv = torch.unique(c, return_inverse=True)
+    g = int(inv.max().item()) + 1
+    if g < 2:
+        return mean, float("nan")
+    sums = torch.zeros(g, dtype=torch.float64).index_add_(0, inv, v)
+    counts = torch.zeros(g, dtype=torch.float64).index_add_(0, inv, torch.ones_like(v))
+    var = (g / (g - 1)) * ((sums - mean * counts) ** 2).sum().item() / n**2
+    return mean, math.sqrt(var)
+
+
+def perplexity(nll: torch.Tensor, clusters: torch.Tensor) -> tuple[float, float]:
+    """exp(mean NLL) and its SE by the delta method."""
+    m, se = clustered_mean(nll, clusters)
+    return math.exp(m), math.exp(m) * se
+
+
+def quantile(values: torch.Tensor, q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), exact on any size."""
+    v = values.double().flatten().sort().values
+    pos = q * (v.numel() - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, v.numel() - 1)
+    return (v[lo] + (v[hi] - v[lo]) * (pos - lo)).item()
+
+
+def summarize(nll_ref: torch.Tensor, nll: torch.Tensor, kld: torch.Tensor, top1_same: torch.Tensor, clusters: torch.Tensor) -> dict:
+    """Every headline number of one candidate against the reference, with clustered SEs."""
+    ppl, ppl_se = perplexity(nll, clusters)
+    ppl_ref, ppl_ref_se = perplexity(nll_ref, clusters)
+    ln_ratio, ln_ratio_se = clustered_mean(nll - nll_ref, clusters)  # paired: same tokens
+    kld_mean, kld_se = clustered_mean(kld, clusters)
+    top1, top1_se = clustered_mean(top1_same.double(), clusters)
+    return {
+        "tokens": int(nll.numel()),
+        "windows": int(torch.unique(clusters).numel()),
+        "ppl": ppl,
+        "ppl_se": ppl_se,
+        "ppl_ref": ppl_ref,
+        "ppl_ref_se": ppl_ref_se,
+        "ppl_ratio": math.exp(ln_ratio),
+        "ln_ppl_ratio": ln_ratio,
+        "ln_ppl_ratio_se": ln_ratio_se,
+        "kld_mean": kld_mean,
+        "kld_mean_se": kld_se,
+        "kld_median": quantile(kld, 0.5),
+        "kld_p99": quantile(kld, 0.99),
+        "kld_max": kld.max().item(),
+        "top1_agreement": top1,
+        "top1_agreement_se": top1_se,
+    }

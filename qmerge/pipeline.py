@@ -1,0 +1,158 @@
+"""`qmerge run`: validate everything, then NF4 base → merge → GPTQ → drift → report.
+
+All output is built in a hidden sibling of DIR and renamed into place only when every stage has
+finished, so a failed or interrupted run leaves no partial DIR behind and never touches an existing one
+unless --overwrite was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from qmerge import data, drift, report
+from qmerge.adapter import check_fits, load_adapter
+from qmerge.checkpoint import LazyCheckpoint
+from qmerge.errors import QmergeError
+from qmerge.inputs import load_base_config, resolve, tree_sha256
+from qmerge.merge import merge
+from qmerge.nf4 import quantized_linear_names
+from qmerge.quantize import check_group_size, quantize
+from qmerge.settings import RunSettings
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QmergeError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Stages:
+    """Wall time and peak memory of each stage, for the report."""
+
+    device: torch.device
+    records: dict[str, dict] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def time(self, name: str, echo: bool):
+        if echo:
+            print(f"[qmerge] {name} ...", flush=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        rec = {"wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.device.type == "cuda":
+            rec["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
+        self.records[name] = rec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything validated before the first heavy stage."""
+
+    base_dir: Path
+    adapter_dir: Path
+    adapter: object
+    device: torch.device
+    calibration: torch.Tensor
+    evaluation: torch.Tensor
+
+
+def prepare(settings: RunSettings) -> Prepared:
+    """Fail in seconds on anything that would fail later: settings, inputs, shapes, group size, data."""
+    settings.validate()
+    out = Path(settings.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not settings.overwrite:
+        raise QmergeError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
+    device = pick_device(settings.device)
+    base_dir = resolve(settings.base, "base")
+    adapter_dir = resolve(settings.adapter, "adapter")
+    config = load_base_config(base_dir)
+    adapter = load_adapter(adapter_dir)
+    base = LazyCheckpoint.open(base_dir)
+    check_fits(adapter, base)
+    if not settings.skip_gptq:
+        linears = quantized_linear_names(config, settings.nf4)
+        check_group_size({n: base.shape(f"{n}.weight") for n in linears}, settings.gptq)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    d = settings.data
+    calibration = data.token_windows(data.load_texts(d.calibration, "calibration", tokenizer), tokenizer, d.seq_len, d.calibration_samples, "calibration")
+    evaluation = data.token_windows(data.load_texts(d.eval, "eval", tokenizer), tokenizer, d.seq_len, d.eval_samples, "eval")
+    data.check_disjoint(calibration, evaluation)
+    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation)
+
+
+def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict:
+    """The whole pipeline; returns the report (also written to DIR/report.json and DIR/report.md)."""
+    torch.manual_seed(settings.seed)
+    p = prepare(settings)
+    out = Path(settings.out).resolve()
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    stages = Stages(p.device)
+    try:
+        with stages.time("merge", echo):
+            merged = merge(p.base_dir, p.adapter, work / "merged", settings.nf4, settings.merged_dtype, p.device, show_progress=echo)
+        candidates = {"merged (NF4 base + adapter)": work / "merged"}
+        quant_log: list[dict] = []
+        if not settings.skip_gptq:
+            with stages.time("gptq", echo):
+                quant_log = quantize(work / "merged", work / "gptq", p.calibration, settings.gptq, p.device, verbose)
+            candidates[f"gptq {settings.gptq.bits}-bit g{settings.gptq.group_size}"] = work / "gptq"
+        with stages.time("drift", echo):
+            reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device)
+            models = {name: drift.load_candidate(path, p.device) for name, path in candidates.items()}
+            metrics = drift.evaluate(reference, models, p.evaluation, settings.nf4.compute_dtype, show_progress=echo)
+            del reference, models
+        rep = {
+            "schema_version": report.SCHEMA_VERSION,
+            "inputs": {
+                "base": {"spec": settings.base, "path": str(p.base_dir), "sha256": tree_sha256(p.base_dir)},
+                "adapter": {"spec": settings.adapter, "path": str(p.adapter_dir), "sha256": tree_sha256(p.adapter_dir)},
+                "calibration_windows": len(p.calibration),
+                "eval_windows": len(p.evaluation),
+            },
+            "settings": settings.to_dict(),
+            "versions": report.library_versions(),
+            "device": report.device_info(p.device),
+            "merge": {"nf4_modules": merged.nf4_modules, "lora_modules": merged.lora_modules, "tensors": merged.tensors},
+            "stages": stages.records,
+            "metrics": metrics,
+            "gptq_log": quant_log,
+        }
+        report.write(rep, work)
+        _replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if echo:
+        print(report.table(rep))
+        print(f"[qmerge] merged checkpoint: {out / 'merged'}")
+        if not settings.skip_gptq:
+            print(f"[qmerge] GPTQ checkpoint:   {out / 'gptq'}")
+        print(f"[qmerge] report:            {out / 'report.md'} (and report.json)")
+    return rep
+
+
+def _replace(work: Path, out: Path) -> None:
+    """Move the finished work dir into place; an existing DIR (allowed by --overwrite) goes only after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

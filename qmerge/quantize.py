@@ -1,0 +1,101 @@
+"""GPTQ with GPTQModel (the maintained successor of AutoGPTQ, and the loader transformers 5 and
+optimum 2 use for GPTQ), writing the portable profile: format gptq (v1), int32 packing."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qmerge.errors import QmergeError
+from qmerge.settings import GPTQSettings
+
+LOG_NAME = "quantize.log"
+
+
+def check_group_size(shapes: dict[str, tuple[int, ...]], gptq: GPTQSettings) -> None:
+    """GPTQ kernels refuse a checkpoint whose in_features a group does not divide (SmolLM2: 576 % 128):
+    find that out now, not after quantizing."""
+    if gptq.group_size == -1:
+        return
+    bad = sorted({shape[1] for shape in shapes.values() if shape[1] % gptq.group_size})
+    if bad:
+        fits = [g for g in (128, 64, 32, 16) if all(s[1] % g == 0 for s in shapes.values())]
+        hint = f"--group-size {fits[0]}" if fits else "--group-size -1"
+        raise QmergeError(f"--group-size {gptq.group_size} does not divide in_features {bad[0]} of this model's linear layers; use {hint}")
+
+
+def quantize(merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False) -> list[dict]:
+    """Quantize `merged_dir` into `out_dir`; returns the quantizer's per-module log
+    (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / LOG_NAME
+    with _quiet(log_path, verbose) as progress_stream:
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        config = QuantizeConfig(
+            bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq"
+        )
+        model = GPTQModel.load(str(merged_dir), config, device=str(device))
+        rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calibration]
+        layers = model.model.model.layers
+        bar = tqdm(total=len(layers), desc="gptq", unit="layer", file=progress_stream, disable=progress_stream is None, leave=False)
+        seen: set[int] = set()
+
+        def on_layer(index: int):
+            def hook(*_):
+                if index not in seen:
+                    seen.add(index)
+                    bar.update(1)
+
+            return hook
+
+        handles = [layer.register_forward_pre_hook(on_layer(i)) for i, layer in enumerate(layers)]
+        try:
+            model.quantize(rows, batch_size=1)
+        finally:
+            for h in handles:
+                h.remove()
+            bar.close()
+        model.save(str(out_dir))
+    return read_quant_log(out_dir)
+
+
+def read_quant_log(gptq_dir: Path) -> list[dict]:
+    path = gptq_dir / "quant_log.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{"layer": int(r["layer"]), "module": r["module"], "loss": float(r["loss"]), "samples": int(r["samples"])} for r in csv.DictReader(f)]
+
+
+@contextlib.contextmanager
+def _quiet(log_path: Path, verbose: bool):
+    """GPTQModel prints banners, tables and its own bars at file-descriptor level; unless verbose,
+    send all of it to `log_path` and keep the real stderr for qmerge's own progress bar."""
+    if verbose:
+        yield sys.stderr
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    progress = os.fdopen(os.dup(2), "w")
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield progress
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            progress.close()

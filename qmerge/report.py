@@ -1,0 +1,85 @@
+"""report.json (versioned schema) and report.md, plus the table printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+SCHEMA_VERSION = 1
+LIBRARIES = ("qmerge", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "optimum", "safetensors", "accelerate")
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"device": str(device), "platform": platform.platform(), "python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write(report: dict, out_dir: Path) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown(report))
+
+
+def table(report: dict) -> str:
+    """One row per candidate against the reference: the numbers people compare."""
+    head = "| model | PPL ± SE | PPL ratio | mean KLD ± SE | KLD p99 | KLD max | top-1 agree ± SE |\n|---|---|---|---|---|---|---|\n"
+    rows = []
+    metrics = report["metrics"]
+    first = next(iter(metrics.values()), None)
+    if first:
+        rows.append(f"| reference (QLoRA as trained) | {first['ppl_ref']:.4f} ± {first['ppl_ref_se']:.4f} | 1 | 0 | 0 | 0 | 100% |")
+    for name, m in metrics.items():
+        rows.append(
+            f"| {name} | {m['ppl']:.4f} ± {m['ppl_se']:.4f} | {m['ppl_ratio']:.5f} | {m['kld_mean']:.3e} ± {m['kld_mean_se']:.1e} "
+            f"| {m['kld_p99']:.3e} | {m['kld_max']:.3e} | {100 * m['top1_agreement']:.2f}% ± {100 * m['top1_agreement_se']:.2f} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    stages = "\n".join(
+        f"| {name} | {st['wall_s']:.1f} | {st['peak_rss_mb']:.0f} | {st.get('peak_gpu_mb') or '-'} |" for name, st in report["stages"].items()
+    )
+    first = next(iter(report["metrics"].values()), {"tokens": 0, "windows": 0})
+    return f"""# qmerge report
+
+Base `{report['inputs']['base']['path']}` + adapter `{report['inputs']['adapter']['path']}`, merged into the
+NF4 round trip of the base (the weights the adapter was trained against), then GPTQ
+{s['gptq']['bits']}-bit, group {s['gptq']['group_size']}, sym={s['gptq']['sym']}, desc_act={s['gptq']['desc_act']}.
+
+## Drift against the model as trained
+
+Reference: base loaded in 4-bit by bitsandbytes ({s['nf4']['quant_type']}, double quant {s['nf4']['double_quant']},
+blocksize {s['nf4']['blocksize']}) with the adapter unmerged (PEFT). All models compute in float32.
+Eval: {first['windows']} windows of {s['data']['seq_len']} tokens from `{s['data']['eval']}` ({first['tokens']} scored
+next-token predictions: every position of each window predicted from the window's own prefix). KLD is
+KL(reference ‖ model). Standard errors are clustered by window; the PPL ratio is paired (same tokens).
+
+{table(report)}
+The noise-floor row is the reference itself with its 4-bit layers computing in the training
+compute dtype ({s['nf4']['compute_dtype']}): drift below it is below what the training run's own arithmetic moved.
+
+## Stages
+
+| stage | wall s | peak RSS MB (process so far) | peak GPU MB |
+|---|---|---|---|
+{stages}
+
+Device: {report['device']['device']}{(' (' + report['device']['gpu'] + ')') if 'gpu' in report['device'] else ''}; libraries: {', '.join(f'{k} {v}' for k, v in report['versions'].items() if v)}.
+"""

@@ -1,0 +1,105 @@
+"""Every setting of a run as one typed object, validated before any heavy work starts.
+
+Defaults are the QLoRA recipe for the NF4 base (nf4, double quantization, blocksize 64, bf16 compute)
+and the portable GPTQ profile (format gptq v1, 4-bit, group 128, sym, no act-order) that transformers,
+vLLM, SGLang and TGI all load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qmerge.errors import QmergeError
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class NF4Settings:
+    """bitsandbytes 4-bit settings used at training time (BitsAndBytesConfig's bnb_4bit_* fields)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "bfloat16"
+    quant_storage: str = "uint8"
+    skip_modules: tuple[str, ...] = ()  # llm_int8_skip_modules / modules_to_not_convert
+
+    def validate(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise QmergeError(f"--quant-type {self.quant_type!r} is not a bitsandbytes 4-bit type; use nf4 or fp4")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise QmergeError(f"--nf4-blocksize {self.blocksize} is not one bitsandbytes supports; use 64 (QLoRA's) or a power of two 32..4096")
+        if self.compute_dtype not in DTYPES:
+            raise QmergeError(f"--compute-dtype {self.compute_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
+            raise QmergeError(f"--quant-storage {self.quant_storage!r} is unknown; use uint8 (the default), bfloat16, float16 or float32")
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """GPTQModel's QuantizeConfig, restricted to what servers load."""
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    damp: float = 0.01
+
+    def validate(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise QmergeError(f"--bits {self.bits} is not supported; use 2, 3, 4 or 8")
+        if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise QmergeError(f"--group-size {self.group_size} is not supported; use -1 (per channel) or a power of two >= 16 such as 32, 64 or 128")
+        if not 0.0 < self.damp < 1.0:
+            raise QmergeError(f"--damp {self.damp} is out of range; use a fraction such as 0.01 (GPTQ's default) up to 0.1")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where calibration and eval text come from and how it is cut into token windows."""
+
+    calibration: str = "stdlib"
+    calibration_samples: int = 128
+    eval: str = "stdlib"
+    eval_samples: int = 32
+    seq_len: int = 512
+
+    def validate(self) -> None:
+        if self.seq_len < 16:
+            raise QmergeError(f"--seq-len {self.seq_len} is too short; use at least 16 (512 or 2048 are usual)")
+        for flag, n in (("--calibration-samples", self.calibration_samples), ("--eval-samples", self.eval_samples)):
+            if n < 1:
+                raise QmergeError(f"{flag} {n} must be at least 1")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One `qmerge run`: inputs, output directory and the settings of every stage."""
+
+    base: str
+    adapter: str
+    out: Path
+    nf4: NF4Settings = field(default_factory=NF4Settings)
+    gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    merged_dtype: str = "bfloat16"
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    skip_gptq: bool = False
+
+    def validate(self) -> None:
+        self.nf4.validate()
+        self.gptq.validate()
+        self.data.validate()
+        if self.merged_dtype not in DTYPES:
+            raise QmergeError(f"--merged-dtype {self.merged_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise QmergeError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d

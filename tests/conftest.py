@@ -3,13 +3,10 @@ made the way a user makes one: PEFT on a bitsandbytes NF4 load, with random non-
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 

@@ -1,0 +1,206 @@
+"""Every GPU check in one run (see scripts/device_check.sh): NF4 round trip on the GPU against what
+bitsandbytes' Linear4bit holds there and against the CPU round trip; the tiny-model pipeline on the
+GPU with merged-vs-reference KLD; copy and disk bandwidth; the merge stage on a random
+Llama-2-7B-shaped checkpoint. Prints one table and writes results.json + results.md to --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from qmerge.checkpoint import ShardWriter  # noqa: E402
+from qmerge.settings import NF4Settings  # noqa: E402
+
+GPU = torch.device("cuda")
+rows: list[tuple[str, str]] = []
+results: dict = {}
+
+
+def record(name: str, value) -> None:
+    results[name] = value
+    rows.append((name, value if isinstance(value, str) else json.dumps(value)))
+    print(f"  {name}: {rows[-1][1]}", flush=True)
+
+
+def step(fn):
+    def run(*a):
+        t = time.perf_counter()
+        try:
+            fn(*a)
+        except Exception as e:  # one failed check must not hide the others
+            record(f"{fn.__name__} FAILED", f"{type(e).__name__}: {e}"[:300])
+            traceback.print_exc()
+        record(f"{fn.__name__} wall_s", round(time.perf_counter() - t, 2))
+
+    return run
+
+
+@step
+def nf4_bit_exact(work: Path) -> None:
+    """Round trip on the GPU == what Linear4bit holds after a real GPU load; CPU and GPU agree."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_base
+    from qmerge.checkpoint import LazyCheckpoint
+    from qmerge.nf4 import bnb_config, round_trip
+
+    base = make_base(work / "nf4-base")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"), device_map={"": GPU})
+    ckpt = LazyCheckpoint.open(base)
+    same = 0
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for name, m in mods:
+        same += torch.equal(round_trip(ckpt.get(f"{name}.weight"), NF4Settings(), GPU), F.dequantize_4bit(m.weight.data, m.weight.quant_state))
+    record("nf4 gpu == Linear4bit on gpu (modules)", f"{same}/{len(mods)}")
+    g = torch.Generator().manual_seed(0)
+    for shape in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        on_gpu = round_trip(w, NF4Settings(), GPU).cpu()
+        on_cpu = round_trip(w, NF4Settings(), torch.device("cpu"))
+        diff = (on_gpu != on_cpu).float().mean().item()
+        record(f"nf4 cpu vs gpu {shape[0]}x{shape[1]} (fraction differing, max abs)", [diff, (on_gpu - on_cpu).abs().max().item()])
+
+
+@step
+def tiny_pipeline_on_gpu(work: Path) -> None:
+    """qmerge run --device cuda on the tiny model: merged and GPTQ KLD against the reference."""
+    from conftest import make_base, make_qlora_adapter
+    from qmerge import pipeline
+    from qmerge.settings import DataSettings, GPTQSettings, RunSettings
+
+    base = make_base(work / "tiny-base")
+    adapter = make_qlora_adapter(base, work / "tiny-adapter")
+    data = DataSettings(calibration_samples=16, eval_samples=8, seq_len=64)
+    for skip in (False, True):
+        try:
+            rep = pipeline.run(
+                RunSettings(base=str(base), adapter=str(adapter), out=work / f"tiny-out-{skip}", gptq=GPTQSettings(group_size=32), data=data, device="cuda", skip_gptq=skip),
+                echo=False,
+            )
+        except Exception as e:
+            record(f"tiny run (skip_gptq={skip}) FAILED", f"{type(e).__name__}: {e}"[:300])
+            traceback.print_exc()
+            continue
+        for name, m in rep["metrics"].items():
+            record(f"tiny gpu: {name} mean KLD / top1", [m["kld_mean"], m["top1_agreement"]])
+        record("tiny gpu stages", rep["stages"])
+        break
+
+
+@step
+def bandwidth(work: Path) -> None:
+    n = 2 * 1024**3
+    a = torch.empty(n, dtype=torch.uint8, device=GPU)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    record("device copy GB/s (read+write)", round(2 * 10 * n / (time.perf_counter() - t) / 1e9, 1))
+    del a, b
+    buf = os.urandom(64 * 1024**2)
+    path = work / "disk.bin"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(32):
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    record("disk write GB/s (2 GiB, fsync)", round(32 * len(buf) / (time.perf_counter() - t) / 1e9, 2))
+    path.unlink()
+
+
+def write_7b(work: Path, layers: int) -> tuple[Path, Path]:
+    """A random Llama-2-7B-shaped bf16 checkpoint and a random r=16 all-linear adapter, made on the GPU."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    base, adapter = work / "7b-base", work / "7b-adapter"
+    cfg.dtype = torch.bfloat16
+    cfg.save_pretrained(base)
+    writer = ShardWriter(base, max_shard_bytes=5 * 1024**3)
+    lora = {}
+    g = torch.Generator(device=GPU).manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(shape, generator=g, device=GPU) * 0.02).to(torch.bfloat16).cpu()
+
+    writer.add("model.embed_tokens.weight", rnd(32000, 4096))
+    shapes = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
+              "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096), "mlp.down_proj": (4096, 11008)}
+    for i in range(layers):
+        for name, (o, n) in shapes.items():
+            key = f"model.layers.{i}.{name}"
+            writer.add(f"{key}.weight", rnd(o, n))
+            lora[f"base_model.model.{key}.lora_A.weight"] = (torch.randn(16, n, generator=g, device=GPU) * 0.01).cpu()
+            lora[f"base_model.model.{key}.lora_B.weight"] = (torch.randn(o, 16, generator=g, device=GPU) * 0.01).cpu()
+        writer.add(f"model.layers.{i}.input_layernorm.weight", torch.ones(4096, dtype=torch.bfloat16))
+        writer.add(f"model.layers.{i}.post_attention_layernorm.weight", torch.ones(4096, dtype=torch.bfloat16))
+    writer.add("model.norm.weight", torch.ones(4096, dtype=torch.bfloat16))
+    writer.add("lm_head.weight", rnd(32000, 4096))
+    writer.finish()
+    from safetensors.torch import save_file
+
+    adapter.mkdir()
+    save_file(lora, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": list(shapes)}))
+    return base, adapter
+
+
+@step
+def merge_7b(work: Path, layers: int) -> None:
+    from qmerge.adapter import load_adapter
+    from qmerge.merge import merge
+
+    t = time.perf_counter()
+    base, adapter_dir = write_7b(work, layers)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    record(f"7b-shaped ({layers} layers) checkpoint GB / write s", [round(size / 1e9, 2), round(time.perf_counter() - t, 1)])
+    adapter = load_adapter(adapter_dir)
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    result = merge(base, adapter, work / "7b-merged", NF4Settings(), "bfloat16", GPU, show_progress=False)
+    dt = time.perf_counter() - t
+    record("7b merge s / GB/s (read+write) / peak GPU MB", [round(dt, 1), round(2 * size / dt / 1e9, 2), round(torch.cuda.max_memory_allocated() / 2**20)])
+    record("7b merge modules (nf4, lora)", [result.nf4_modules, result.lora_modules])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=32)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import bitsandbytes
+
+    record("gpu", torch.cuda.get_device_name())
+    record("versions", {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__})
+    with tempfile.TemporaryDirectory(dir=os.environ.get("WORK_DIR", "/tmp")) as tmp:
+        work = Path(tmp)
+        nf4_bit_exact(work)
+        tiny_pipeline_on_gpu(work)
+        bandwidth(work)
+        merge_7b(work, args.layers)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    table = "| check | result |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU check in one short run, for a lent H100/H200 (see BENCHMARKS.md for recorded results).
+# The device image has torch but not this stack: carry wheels in .whl/ (bitsandbytes, peft,
+# transformers, gptqmodel and its pure-Python needs); they install to /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/device}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+  # pypcre (a C extension gptqmodel imports) has no wheel for the image's Python: stand in re for it.
+  python3 -c "import pcre" 2>/dev/null || cat > /tmp/site/pcre.py <<'PY'
+"""Device-check stand-in for pypcre: Python's re under the names gptqmodel uses."""
+import re
+from re import Pattern, compile, escape, split
+
+
+class Flag:
+    CASELESS = re.IGNORECASE
+    MULTILINE = re.MULTILINE
+    DOTALL = re.DOTALL
+PY
+fi
+export PYTHONUNBUFFERED=1
+python3 scripts/device_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/device_check.log"

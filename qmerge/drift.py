@@ -10,6 +10,7 @@ the price is that all models are resident at once.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from qmerge.metrics import summarize, token_stats
+from qmerge.metrics import log_probs, summarize, token_stats
 from qmerge.nf4 import bnb_config, torch_dtype
 from qmerge.settings import NF4Settings
 
@@ -41,9 +42,16 @@ def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: 
     return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
+def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
+    """float32, except a quantized checkpoint on CUDA: GPTQModel picks Marlin there, which computes
+    in float16 only (as servers run it)."""
+    quantized = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    return torch.float16 if quantized and device.type == "cuda" else torch.float32
+
+
 def load_candidate(path: Path, device: torch.device):
     """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config)."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device}).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), device_map={"": device}).eval()
 
 
 def _set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -75,18 +83,18 @@ def evaluate(
         ids = windows[start : start + batch_size].to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         clusters.append(torch.arange(start, start + len(ids)).repeat_interleave(targets.shape[1]))
-        ref_logits = reference(input_ids=inputs).logits.float()
+        ref_lp = log_probs(reference(input_ids=inputs).logits)
         runs = dict(candidates)
         if floor_dtype != torch.float32:
             runs[NOISE_FLOOR] = None
         for name, model in runs.items():
             if model is None:
                 _set_4bit_compute_dtype(reference, floor_dtype)
-                logits = reference(input_ids=inputs).logits.float()
+                logits = reference(input_ids=inputs).logits
                 _set_4bit_compute_dtype(reference, torch.float32)
             else:
-                logits = model(input_ids=inputs).logits.float()
-            s = token_stats(ref_logits, logits, targets)
+                logits = model(input_ids=inputs).logits
+            s = token_stats(ref_lp, log_probs(logits), targets)
             acc = stats.setdefault(name, defaultdict(list))
             for field in ("nll_ref", "nll", "kld", "top1_same"):
                 acc[field].append(getattr(s, field).cpu())

@@ -24,11 +24,13 @@ class TokenStats:
     top1_same: torch.Tensor  # bool
 
 
-def token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
-    """Logits (B, T, V) predicting `targets` (B, T). Computed in float64 so that KL values near
-    1e-6 are not rounding noise."""
-    ref_lp = torch.log_softmax(ref_logits.double(), dim=-1)
-    lp = torch.log_softmax(logits.double(), dim=-1)
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in float64, so that KL values near 1e-7 are not rounding noise."""
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def token_stats(ref_lp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+    """Log-probabilities (B, T, V) of the reference and a candidate, predicting `targets` (B, T)."""
     kld = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0)
     idx = targets.unsqueeze(-1)
     return TokenStats(

@@ -130,6 +130,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             "device": report.device_info(p.device),
             "merge": {"nf4_modules": merged.nf4_modules, "lora_modules": merged.lora_modules, "tensors": merged.tensors},
             "stages": stages.records,
+            "candidates": {name: {"path": str(out / path.name), "compute_dtype": str(drift.candidate_dtype(path, p.device)).removeprefix("torch.")} for name, path in candidates.items()},
             "metrics": metrics,
             "gptq_log": quant_log,
         }

@@ -68,10 +68,18 @@ def nf4_bit_exact(work: Path) -> None:
     g = torch.Generator().manual_seed(0)
     for shape in ((4096, 4096), (11008, 4096), (4096, 11008)):
         w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        codes, absmax = {}, {}
+        for dev in ("cpu", "cuda"):
+            packed, state = F.quantize_4bit(w.float().to(dev), blocksize=64, compress_statistics=True, quant_type="nf4")
+            codes[dev], absmax[dev] = packed.cpu(), F.dequantize_blockwise(state.absmax, state.state2).cpu() + state.offset.cpu()
+        nibbles = torch.stack([codes["cpu"] >> 4, codes["cpu"] & 15]) != torch.stack([codes["cuda"] >> 4, codes["cuda"] & 15])
         on_gpu = round_trip(w, NF4Settings(), GPU).cpu()
         on_cpu = round_trip(w, NF4Settings(), torch.device("cpu"))
-        diff = (on_gpu != on_cpu).float().mean().item()
-        record(f"nf4 cpu vs gpu {shape[0]}x{shape[1]} (fraction differing, max abs)", [diff, (on_gpu - on_cpu).abs().max().item()])
+        record(
+            f"nf4 cpu vs gpu {shape[0]}x{shape[1]}: codes differing, absmax max rel diff, values differing, max abs",
+            [nibbles.float().mean().item(), ((absmax["cpu"] - absmax["cuda"]).abs() / absmax["cuda"]).max().item(),
+             (on_gpu != on_cpu).float().mean().item(), (on_gpu - on_cpu).abs().max().item()],
+        )
 
 
 @step
@@ -96,6 +104,7 @@ def tiny_pipeline_on_gpu(work: Path) -> None:
             continue
         for name, m in rep["metrics"].items():
             record(f"tiny gpu: {name} mean KLD / top1", [m["kld_mean"], m["top1_agreement"]])
+        record("tiny gpu candidates", rep["candidates"])
         record("tiny gpu stages", rep["stages"])
         break
 
@@ -129,10 +138,13 @@ def write_7b(work: Path, layers: int) -> tuple[Path, Path]:
     """A random Llama-2-7B-shaped bf16 checkpoint and a random r=16 all-linear adapter, made on the GPU."""
     from transformers import LlamaConfig
 
+    from conftest import make_tokenizer
+
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
     base, adapter = work / "7b-base", work / "7b-adapter"
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(base)
+    make_tokenizer(base, 512)  # GPTQModel loads a tokenizer with the model
     writer = ShardWriter(base, max_shard_bytes=5 * 1024**3)
     lora = {}
     g = torch.Generator(device=GPU).manual_seed(0)
@@ -180,22 +192,47 @@ def merge_7b(work: Path, layers: int) -> None:
     record("7b merge modules (nf4, lora)", [result.nf4_modules, result.lora_modules])
 
 
+@step
+def gptq_7b(work: Path, deadline: float) -> None:
+    """GPTQ of the 7B-shaped merged model on the GPU, 8 random-token windows of 512 (timing only)."""
+    from qmerge.quantize import quantize
+    from qmerge.settings import GPTQSettings
+
+    if time.time() > deadline:
+        record("gptq 7b", "skipped: not enough time left in this run")
+        return
+    calibration = torch.randint(0, 32000, (8, 512), generator=torch.Generator().manual_seed(0))
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    log = quantize(work / "7b-merged", work / "7b-gptq", calibration, GPTQSettings(), GPU)
+    record("7b gptq s / modules / peak GPU MB", [round(time.perf_counter() - t, 1), len(log), round(torch.cuda.max_memory_allocated() / 2**20)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--only", default="nf4,tiny,bandwidth,7b", help="comma-separated subset of the checks")
+    parser.add_argument("--gptq-after", type=float, default=240, help="skip the 7B GPTQ if this many seconds have passed")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
     import bitsandbytes
 
     record("gpu", torch.cuda.get_device_name())
     record("versions", {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__})
     with tempfile.TemporaryDirectory(dir=os.environ.get("WORK_DIR", "/tmp")) as tmp:
         work = Path(tmp)
-        nf4_bit_exact(work)
-        tiny_pipeline_on_gpu(work)
-        bandwidth(work)
-        merge_7b(work, args.layers)
+        only = set(args.only.split(","))
+        if "nf4" in only:
+            nf4_bit_exact(work)
+        if "tiny" in only:
+            tiny_pipeline_on_gpu(work)
+        if "bandwidth" in only:
+            bandwidth(work)
+        if "7b" in only:
+            merge_7b(work, args.layers)
+            gptq_7b(work, start + args.gptq_after)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = "| check | result |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     (args.out / "results.md").write_text(table + "\n")

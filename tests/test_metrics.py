@@ -6,18 +6,18 @@ import math
 
 import torch
 
-from qmerge.metrics import clustered_mean, quantile, summarize, token_stats
+from qmerge.metrics import clustered_mean, log_probs, quantile, summarize, token_stats
 
 
 def test_token_stats_hand_computed():
     p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64).log()
     q = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64).log()
-    s = token_stats(p.view(1, 1, 3), q.view(1, 1, 3), torch.tensor([[0]]))
+    s = token_stats(log_probs(p.view(1, 1, 3)), log_probs(q.view(1, 1, 3)), torch.tensor([[0]]))
     assert math.isclose(s.kld.item(), 0.25 * math.log(2), rel_tol=1e-12)  # .5·ln2 + .25·ln(.5)
     assert math.isclose(s.nll_ref.item(), math.log(2), rel_tol=1e-12)
     assert math.isclose(s.nll.item(), math.log(4), rel_tol=1e-12)
     assert not s.top1_same.item()
-    same = token_stats(p.view(1, 1, 3), (p + 3.0).view(1, 1, 3), torch.tensor([[1]]))  # shift-invariant
+    same = token_stats(log_probs(p.view(1, 1, 3)), log_probs((p + 3.0).view(1, 1, 3)), torch.tensor([[1]]))  # shift-invariant
     assert same.kld.item() < 1e-15 and same.top1_same.item()
 
 

@@ -8,3 +8,15 @@ __version__ = "0.1.0"
 # GPTQModel sizes a CPU thread pool at import and fails on small machines (2 cores) without this;
 # set before any path (quantize, or transformers loading a GPTQ checkpoint) imports it.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))
+
+API = ("run", "merge_adapter", "gptq_quantize", "evaluate", "push")
+
+
+def __getattr__(name: str):
+    """`from qmerge import run, merge_adapter, gptq_quantize, evaluate, push`, imported on first use so
+    that `import qmerge` stays light (the CLI configures library logging before torch loads)."""
+    if name in API:
+        from qmerge import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'qmerge' has no attribute {name!r}")

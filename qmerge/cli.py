@@ -1,8 +1,14 @@
-"""Command line: parse arguments, run, print errors. Bad input exits 2 with one line."""
+"""Command line: parse arguments (and a recipe), call the API, print errors.
+
+Exit status: 0 ok; 1 internal error; 2 bad input (one line naming cause and fix, nothing left
+behind); 3 a quality budget (--max-kld, --max-ppl-ratio) failed on the final checkpoint, whose
+outputs are kept for inspection.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -11,109 +17,134 @@ from pathlib import Path
 
 from qmerge.errors import QmergeError
 
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_BUDGET = 0, 1, 2, 3
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty unless --overwrite)")
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Every option is also a recipe key (dashes or underscores); None means 'not given here'."""
+    B = argparse.BooleanOptionalAction
+    p.add_argument("--recipe", type=Path, help="YAML or TOML file of settings; flags given here override it")
+    p.add_argument("--out", help="output directory (must not exist or be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new run has finished")
-    p.add_argument("--bits", type=int, default=4, help="GPTQ bits: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="GPTQ group size, -1 for per channel (default 128)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ desc_act (act-order); off in the portable profile")
-    p.add_argument("--asym", action="store_true", help="asymmetric GPTQ (vLLM's Marlin path needs sym; default sym)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening fraction (default 0.01)")
-    p.add_argument("--calibration", default="stdlib", help="calibration source: stdlib, wikitext2, hf:NAME[:CONFIG]:SPLIT[:FIELD], or a .txt/.jsonl file or folder")
-    p.add_argument("--calibration-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--eval", default="stdlib", help="eval source, same forms as --calibration (default: stdlib eval part)")
-    p.add_argument("--eval-samples", type=int, default=32, help="eval windows (default 32)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--quant-type", default="nf4", help="training-time bnb_4bit_quant_type (default nf4)")
-    p.add_argument("--no-double-quant", action="store_true", help="training used bnb_4bit_use_double_quant=False")
-    p.add_argument("--nf4-blocksize", type=int, default=64, help="training-time bitsandbytes blocksize (default 64)")
-    p.add_argument("--compute-dtype", default="bfloat16", help="training-time bnb_4bit_compute_dtype (default bfloat16)")
-    p.add_argument("--quant-storage", default="uint8", help="training-time bnb_4bit_quant_storage (default uint8)")
-    p.add_argument("--skip-modules", default="", help="comma-separated llm_int8_skip_modules of the training load")
-    p.add_argument("--merged-dtype", default="bfloat16", help="dtype of DIR/merged (default bfloat16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-gptq", action="store_true", help="stop after the merge (drift of the merged model only)")
-    p.add_argument("--verbose", action="store_true", help="show library logs (transformers, GPTQModel)")
+    p.add_argument("--bits", type=int, help="GPTQ bits: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, help="GPTQ group size, -1 for per channel (default 128)")
+    p.add_argument("--act-order", action=B, help="GPTQ desc_act; off in the portable profile")
+    p.add_argument("--sym", action=B, help="symmetric GPTQ (default; vLLM's Marlin path needs it)")
+    p.add_argument("--damp", type=float, help="GPTQ dampening fraction (default 0.01)")
+    p.add_argument("--calibration", help="calibration source: stdlib, wikitext2, hf:NAME[:CONFIG]:SPLIT[:FIELD], or a .txt/.jsonl file or folder")
+    p.add_argument("--calibration-samples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--eval", help="eval source, same forms as --calibration (default: stdlib eval part)")
+    p.add_argument("--eval-samples", type=int, help="eval windows (default 32)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    p.add_argument("--quant-type", help="training-time bnb_4bit_quant_type (default nf4)")
+    p.add_argument("--double-quant", action=B, help="training-time bnb_4bit_use_double_quant (default on)")
+    p.add_argument("--nf4-blocksize", type=int, help="training-time bitsandbytes blocksize (default 64)")
+    p.add_argument("--compute-dtype", help="training-time bnb_4bit_compute_dtype (default bfloat16)")
+    p.add_argument("--quant-storage", help="training-time bnb_4bit_quant_storage (default uint8)")
+    p.add_argument("--skip-modules", help="comma-separated llm_int8_skip_modules of the training load")
+    p.add_argument("--merged-dtype", help="dtype of DIR/merged (default bfloat16)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--skip-gptq", action=B, help="stop after the merge (drift of the merged model only)")
+    p.add_argument("--max-kld", type=float, help="budget: fail with exit 3 if the final checkpoint's mean KLD exceeds this")
+    p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
+    p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout, everything else on stderr")
+    p.add_argument("--verbose", action="store_true", help="show library logs (transformers, GPTQModel) and tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qmerge", description="QLoRA adapter → NF4-faithful merge → GPTQ checkpoint → drift report")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="merge, quantize and measure a base + QLoRA adapter")
-    run.add_argument("--base", required=True, help="base model: local HF directory or hub id (bf16/fp16 safetensors)")
-    run.add_argument("--adapter", required=True, help="QLoRA adapter: local PEFT directory or hub id")
-    _add_common(run)
+    run.add_argument("--base", help="base model: local HF directory or hub id (bf16/fp16 safetensors)")
+    run.add_argument("--adapter", help="QLoRA adapter: local PEFT directory or hub id")
+    _add_run_options(run)
     demo = sub.add_parser("demo", help="the whole pipeline offline on the embedded SmolLM2-135M-Instruct")
-    _add_common(demo)
-    demo.set_defaults(group_size=64, calibration_samples=64, eval_samples=24)
+    _add_run_options(demo)
+    push = sub.add_parser("push", help="upload a GPTQ (or merged) checkpoint to the Hugging Face hub")
+    push.add_argument("directory", type=Path, help="DIR/gptq or DIR/merged")
+    push.add_argument("repo_id", help="hub repository, e.g. my-org/model-GPTQ")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--verbose", action="store_true")
+    push.add_argument("--json", action="store_true")
     return parser
 
 
-def settings_from(args: argparse.Namespace, base: str, adapter: str):
-    from qmerge.settings import DataSettings, GPTQSettings, NF4Settings, RunSettings
+DEMO_DEFAULTS = {"group_size": 64, "calibration_samples": 64, "eval_samples": 24}
 
-    return RunSettings(
-        base=base,
-        adapter=adapter,
-        out=args.out,
-        nf4=NF4Settings(
-            quant_type=args.quant_type,
-            double_quant=not args.no_double_quant,
-            blocksize=args.nf4_blocksize,
-            compute_dtype=args.compute_dtype,
-            quant_storage=args.quant_storage,
-            skip_modules=tuple(s for s in args.skip_modules.split(",") if s),
-        ),
-        gptq=GPTQSettings(bits=args.bits, group_size=args.group_size, desc_act=args.act_order, sym=not args.asym, damp=args.damp),
-        data=DataSettings(
-            calibration=args.calibration,
-            calibration_samples=args.calibration_samples,
-            eval=args.eval,
-            eval_samples=args.eval_samples,
-            seq_len=args.seq_len,
-        ),
-        merged_dtype=args.merged_dtype,
-        device=args.device,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        skip_gptq=args.skip_gptq,
-    )
+
+def run_values(args: argparse.Namespace) -> dict:
+    """Recipe values overridden by every flag given on the command line."""
+    from qmerge import recipe
+
+    values = recipe.load(args.recipe) if args.recipe else {}
+    if args.command == "demo":
+        values = {**DEMO_DEFAULTS, **values}
+    given = {k: v for k, v in vars(args).items() if k in recipe.KEYS and v is not None}
+    if isinstance(given.get("skip_modules"), str):
+        given["skip_modules"] = [s for s in given["skip_modules"].split(",") if s]
+    return {**values, **given}
 
 
 def _quiet_libraries() -> None:
-    """Quiet by default: library warnings and info logs only with --verbose."""
+    """Quiet by default: library warnings, info logs and load bars only with --verbose."""
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     logging.disable(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
 
+def _dispatch(args: argparse.Namespace) -> dict:
+    from qmerge import api
+
+    if args.command == "push":
+        url = api.push(args.directory, args.repo_id, private=args.private)
+        print(f"[qmerge] pushed {args.directory} to {url}", file=sys.stderr)
+        return {"pushed": str(args.directory), "url": url}
+    values = run_values(args)
+    if args.command == "demo":
+        from qmerge import demo
+
+        base, adapter = demo.prepare_inputs(echo=True)
+        values.update(base=str(base), adapter=str(adapter))
+    result = api.run(overwrite=args.overwrite, verbose=args.verbose, progress=True, **values)
+    return result.summary()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.verbose:
         _quiet_libraries()
+    summary_fd = None
+    if args.json:  # the summary alone on stdout: everything else, fd-level prints included, to stderr
+        sys.stdout.flush()
+        summary_fd = os.dup(1)
+        os.dup2(2, 1)
+    status, summary = EXIT_OK, {}
     try:
-        from qmerge import pipeline
-
-        if args.command == "demo":
-            from qmerge import demo
-
-            base, adapter = demo.prepare_inputs(echo=True)
-            pipeline.run(settings_from(args, str(base), str(adapter)), verbose=args.verbose)
-        else:
-            pipeline.run(settings_from(args, args.base, args.adapter), verbose=args.verbose)
+        summary = _dispatch(args)
+        if summary.get("budgets_ok") is False:
+            failed = [f"{k} {b['value']:.4g} > {b['limit']:.4g}" for k, b in summary["budgets"].items() if not b["ok"]]
+            print(f"qmerge: quality budget failed: {'; '.join(failed)}", file=sys.stderr)
+            status = EXIT_BUDGET
     except QmergeError as e:
         print(f"qmerge: error: {e}", file=sys.stderr)
-        return 2
+        status, summary = EXIT_BAD_INPUT, {"error": str(e)}
     except KeyboardInterrupt:
         print("qmerge: interrupted; no output was left behind", file=sys.stderr)
-        return 130
-    return 0
+        status, summary = 130, {"error": "interrupted"}
+    except Exception as e:  # noqa: BLE001 - the one place internal errors become an exit status
+        if args.verbose:
+            raise
+        print(f"qmerge: internal error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)", file=sys.stderr)
+        status, summary = EXIT_INTERNAL, {"error": f"{type(e).__name__}: {e}"}
+    if summary_fd is not None:
+        sys.stdout.flush()
+        os.write(summary_fd, (json.dumps({"exit_status": status, **summary}) + "\n").encode())
+        os.close(summary_fd)
+    return status
 
 
 if __name__ == "__main__":

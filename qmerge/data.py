@@ -123,6 +123,11 @@ def token_windows(texts: list[str], tokenizer, seq_len: int, count: int, what: s
     return ids[: count * seq_len].view(count, seq_len).clone()
 
 
+def windows(source: str, role: str, tokenizer, seq_len: int, count: int) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens of `source` for `role` ("calibration" or "eval")."""
+    return token_windows(load_texts(source, role, tokenizer), tokenizer, seq_len, count, role)
+
+
 def window_hashes(windows: torch.Tensor) -> set[str]:
     return {hashlib.sha256(w.numpy().tobytes()).hexdigest() for w in windows}
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from qmerge import data, drift, report
+from qmerge import card, data, drift, recipe, report
 from qmerge.adapter import check_fits, load_adapter
 from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
 from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
 from qmerge.nf4 import quantized_linear_names
-from qmerge.quantize import check_group_size, quantize
+from qmerge.quantize import check_group_size, quantize, servers
 from qmerge.settings import RunSettings
 
 
@@ -35,6 +35,20 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise QmergeError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Nothing a user has is replaced without --overwrite."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise QmergeError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
+
+
+def staged(out: Path):
+    """A hidden sibling of `out` to build in; see `replace_dir`."""
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 @dataclass
@@ -68,14 +82,13 @@ class Prepared:
     device: torch.device
     calibration: torch.Tensor
     evaluation: torch.Tensor
+    in_features: set[int]  # of every layer GPTQ quantizes
 
 
 def prepare(settings: RunSettings) -> Prepared:
     """Fail in seconds on anything that would fail later: settings, inputs, shapes, group size, data."""
     settings.validate()
-    out = Path(settings.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not settings.overwrite:
-        raise QmergeError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
+    check_out(Path(settings.out), settings.overwrite)
     device = pick_device(settings.device)
     base_dir = resolve(settings.base, "base")
     adapter_dir = resolve(settings.adapter, "adapter")
@@ -83,15 +96,15 @@ def prepare(settings: RunSettings) -> Prepared:
     adapter = load_adapter(adapter_dir)
     base = LazyCheckpoint.open(base_dir)
     check_fits(adapter, base)
+    shapes = {n: base.shape(f"{n}.weight") for n in quantized_linear_names(config, settings.nf4)}
     if not settings.skip_gptq:
-        linears = quantized_linear_names(config, settings.nf4)
-        check_group_size({n: base.shape(f"{n}.weight") for n in linears}, settings.gptq)
+        check_group_size(shapes, settings.gptq)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     d = settings.data
-    calibration = data.token_windows(data.load_texts(d.calibration, "calibration", tokenizer), tokenizer, d.seq_len, d.calibration_samples, "calibration")
-    evaluation = data.token_windows(data.load_texts(d.eval, "eval", tokenizer), tokenizer, d.seq_len, d.eval_samples, "eval")
+    calibration = data.windows(d.calibration, "calibration", tokenizer, d.seq_len, d.calibration_samples)
+    evaluation = data.windows(d.eval, "eval", tokenizer, d.seq_len, d.eval_samples)
     data.check_disjoint(calibration, evaluation)
-    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation)
+    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation, {shape[1] for shape in shapes.values()})
 
 
 def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict:
@@ -99,9 +112,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     torch.manual_seed(settings.seed)
     p = prepare(settings)
     out = Path(settings.out).resolve()
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = staged(out)
+    work.mkdir()
     stages = Stages(p.device)
     try:
         with stages.time("merge", echo):
@@ -120,7 +132,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         rep = {
             "schema_version": report.SCHEMA_VERSION,
             "inputs": {
-                "base": {"spec": settings.base, "path": str(p.base_dir), "sha256": tree_sha256(p.base_dir)},
+                "base": {"spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": tree_sha256(p.base_dir)},
                 "adapter": {"spec": settings.adapter, "path": str(p.adapter_dir), "sha256": tree_sha256(p.adapter_dir)},
                 "calibration_windows": len(p.calibration),
                 "eval_windows": len(p.evaluation),
@@ -132,10 +144,16 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             "stages": stages.records,
             "candidates": {name: {"path": str(out / path.name), "compute_dtype": str(drift.candidate_dtype(path, p.device)).removeprefix("torch.")} for name, path in candidates.items()},
             "metrics": metrics,
+            "budgets": budgets(settings, metrics[list(candidates)[-1]]),
+            "servers": servers(settings.gptq, p.in_features) if not settings.skip_gptq else {},
             "gptq_log": quant_log,
+            "recipe": recipe.resolved(settings),
         }
         report.write(rep, work)
-        _replace(work, out)
+        recipe.dump(settings, work / "recipe.resolved.yaml")
+        if not settings.skip_gptq:
+            (work / "gptq" / "README.md").write_text(card.render(rep))
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -148,7 +166,16 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     return rep
 
 
-def _replace(work: Path, out: Path) -> None:
+def budgets(settings: RunSettings, final: dict) -> dict:
+    """The quality budgets the user set, checked on the final checkpoint (GPTQ, or merged with --skip-gptq)."""
+    out = {}
+    for name, limit, value in (("max_kld", settings.max_kld, final["kld_mean"]), ("max_ppl_ratio", settings.max_ppl_ratio, final["ppl_ratio"])):
+        if limit is not None:
+            out[name] = {"limit": limit, "value": value, "ok": value <= limit}
+    return out
+
+
+def replace_dir(work: Path, out: Path) -> None:
     """Move the finished work dir into place; an existing DIR (allowed by --overwrite) goes only after."""
     old = None
     if out.exists():

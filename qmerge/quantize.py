@@ -31,6 +31,27 @@ def check_group_size(shapes: dict[str, tuple[int, ...]], gptq: GPTQSettings) -> 
         raise QmergeError(f"--group-size {gptq.group_size} does not divide in_features {bad[0]} of this model's linear layers; use {hint}")
 
 
+def servers(gptq: GPTQSettings, in_features: set[int]) -> dict[str, dict]:
+    """Which servers load a checkpoint of these settings, and why not where they do not.
+
+    transformers (through GPTQModel) loads every format qmerge writes; vLLM and SGLang serve GPTQ on
+    NVIDIA GPUs through gptq_marlin, which takes symmetric 4- or 8-bit weights whose group size
+    divides every quantized layer's in_features."""
+    marlin = []
+    if gptq.bits not in (4, 8):
+        marlin.append(f"{gptq.bits}-bit (Marlin takes 4 or 8)")
+    if not gptq.sym:
+        marlin.append("asymmetric (Marlin takes sym only)")
+    if gptq.group_size != -1 and any(n % gptq.group_size for n in in_features):
+        marlin.append(f"group size {gptq.group_size} does not divide every in_features")
+    why = "; ".join(marlin)
+    return {
+        "transformers": {"loads": True, "why": "GPTQModel kernels (Marlin on CUDA, torch on CPU)"},
+        "vllm": {"loads": not marlin, "why": why or "gptq_marlin"},
+        "sglang": {"loads": not marlin, "why": why or "gptq_marlin"},
+    }
+
+
 def quantize(merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False) -> list[dict]:
     """Quantize `merged_dir` into `out_dir`; returns the quantizer's per-module log
     (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv."""

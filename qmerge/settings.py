@@ -89,6 +89,8 @@ class RunSettings:
     seed: int = 0
     overwrite: bool = False
     skip_gptq: bool = False
+    max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
+    max_ppl_ratio: float | None = None
 
     def validate(self) -> None:
         self.nf4.validate()
@@ -98,6 +100,9 @@ class RunSettings:
             raise QmergeError(f"--merged-dtype {self.merged_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise QmergeError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+        for flag, value in (("--max-kld", self.max_kld), ("--max-ppl-ratio", self.max_ppl_ratio)):
+            if value is not None and value <= 0:
+                raise QmergeError(f"{flag} {value} must be positive")
 
     def to_dict(self) -> dict:
         d = asdict(self)

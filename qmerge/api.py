@@ -1,0 +1,144 @@
+"""The Python API, one function per CLI verb and stage; the CLI is a thin layer over it.
+
+    from qmerge import run
+    result = run("meta-llama/Llama-3.1-8B", "my-org/qlora", "out/llama", group_size=128, max_kld=0.05)
+    result.gptq, result.report["metrics"], result.budgets_ok
+
+Settings are the CLI's long options with underscores (see qmerge.recipe.KEYS); every function
+returns paths and numbers instead of printing, and raises QmergeError on bad input.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from qmerge import data, drift, pipeline, recipe
+from qmerge.adapter import load_adapter
+from qmerge.inputs import resolve
+from qmerge.merge import merge
+from qmerge.quantize import quantize
+from qmerge.errors import QmergeError
+from qmerge.settings import GPTQSettings, NF4Settings
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    report: dict
+
+    @property
+    def merged(self) -> Path:
+        return self.out / "merged"
+
+    @property
+    def gptq(self) -> Path | None:
+        return None if self.report["settings"]["skip_gptq"] else self.out / "gptq"
+
+    @property
+    def budgets_ok(self) -> bool:
+        return all(b["ok"] for b in self.report["budgets"].values())
+
+    def summary(self) -> dict:
+        """What a deploy script gates on: paths, the final checkpoint's headline numbers, budgets."""
+        name = list(self.report["candidates"])[-1]
+        m = self.report["metrics"][name]
+        return {
+            "out": str(self.out),
+            "merged": str(self.merged),
+            "gptq": str(self.gptq) if self.gptq else None,
+            "report": str(self.out / "report.json"),
+            "final": {"name": name, **{k: m[k] for k in ("kld_mean", "kld_mean_se", "kld_p99", "ppl", "ppl_ratio", "top1_agreement")}},
+            "budgets": self.report["budgets"],
+            "budgets_ok": self.budgets_ok,
+        }
+
+
+def run(base: str | None = None, adapter: str | None = None, out: str | Path | None = None, *, recipe_file: str | Path | None = None,
+        overwrite: bool = False, verbose: bool = False, progress: bool = False, **settings) -> RunResult:
+    """NF4 base → merge → GPTQ → drift → report; `settings` override the recipe, which overrides defaults."""
+    values = recipe.load(Path(recipe_file)) if recipe_file else {}
+    unknown = sorted(set(settings) - set(recipe.KEYS))
+    if unknown:
+        raise QmergeError(f"unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(recipe.KEYS))}")
+    given = {"base": base, "adapter": adapter, "out": str(out) if out is not None else None, **settings}
+    values.update({k: v for k, v in given.items() if v is not None})
+    resolved = recipe.to_settings(values, overwrite=overwrite)
+    report = pipeline.run(resolved, verbose=verbose, echo=progress)
+    return RunResult(Path(resolved.out).resolve(), report)
+
+
+def merge_adapter(base: str, adapter: str, out: str | Path, *, into: str = "nf4", dtype: str = "bfloat16", device: str = "auto",
+          nf4: NF4Settings | None = None, overwrite: bool = False) -> Path:
+    """Write base + adapter merged into the NF4 round trip (into="nf4", the weights as trained) or the
+    original 16-bit weights (into="original") as a plain HF checkpoint at `out`."""
+    if into not in ("nf4", "original"):
+        raise QmergeError(f"into={into!r}; use 'nf4' (the weights as trained) or 'original'")
+    out = Path(out).resolve()
+    pipeline.check_out(out, overwrite)
+    work = pipeline.staged(out)
+    try:
+        merge(resolve(base, "base"), load_adapter(resolve(adapter, "adapter")), work, nf4 or NF4Settings(), dtype, pipeline.pick_device(device), into, show_progress=False)
+        pipeline.replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: Path
+    log: list[dict]  # GPTQModel's per-module losses
+
+
+def gptq_quantize(merged: str | Path, out: str | Path, *, calibration: str = "stdlib", calibration_samples: int = 128, seq_len: int = 512,
+             gptq: GPTQSettings | None = None, device: str = "auto", overwrite: bool = False, verbose: bool = False) -> QuantizeResult:
+    """GPTQ of a merged checkpoint with GPTQModel into `out` (portable profile by default)."""
+    from transformers import AutoTokenizer
+
+
+    gptq = gptq or GPTQSettings()
+    gptq.validate()
+    merged = Path(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    windows = data.windows(calibration, "calibration", tokenizer, seq_len, calibration_samples)
+    out = Path(out).resolve()
+    pipeline.check_out(out, overwrite)
+    work = pipeline.staged(out)
+    try:
+        log = quantize(merged, work, windows, gptq, pipeline.pick_device(device), verbose)
+        pipeline.replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return QuantizeResult(out, log)
+
+
+def evaluate(base: str, adapter: str, candidates: dict[str, str | Path], *, eval: str = "stdlib", eval_samples: int = 32, seq_len: int = 512,
+             nf4: NF4Settings | None = None, device: str = "auto") -> dict[str, dict]:
+    """Metrics of each candidate checkpoint against the unmerged QLoRA model as trained."""
+    from transformers import AutoTokenizer
+
+    nf4 = nf4 or NF4Settings()
+    base_dir, adapter_dir, dev = resolve(base, "base"), resolve(adapter, "adapter"), pipeline.pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    windows = data.windows(eval, "eval", tokenizer, seq_len, eval_samples)
+    reference = drift.load_reference(base_dir, adapter_dir, nf4, dev)
+    models = {name: drift.load_candidate(Path(path), dev) for name, path in candidates.items()}
+    return drift.evaluate(reference, models, windows, nf4.compute_dtype, show_progress=False)
+
+
+def push(directory: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload a qmerge checkpoint folder with huggingface_hub (token from HF_TOKEN or the login cache,
+    never logged); returns the repository URL."""
+    from huggingface_hub import HfApi
+
+    directory = Path(directory)
+    if not (directory / "config.json").exists() or not any(directory.glob("*.safetensors")):
+        raise QmergeError(f"{directory} is not a checkpoint (config.json and *.safetensors); pass DIR/gptq or DIR/merged")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise QmergeError(f"repository id {repo_id!r} must look like owner/name")
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message="Upload GPTQ checkpoint made by qmerge", ignore_patterns=["quantize.log"])
+    return str(url)

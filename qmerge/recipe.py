@@ -1,0 +1,120 @@
+"""Recipes: every setting of a run in one reviewed, versionable YAML or TOML file.
+
+A recipe is a flat mapping of the CLI's long options (dashes or underscores), for example
+
+    base: HuggingFaceTB/SmolLM2-135M-Instruct
+    adapter: my-org/smollm2-qlora
+    bits: 4
+    group-size: 64
+
+Precedence: CLI flag > recipe > built-in default. Every run writes the fully resolved recipe to
+DIR/recipe.resolved.yaml (and into report.json), so `qmerge run --recipe DIR/recipe.resolved.yaml
+--out NEW` repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import yaml
+
+from qmerge.errors import QmergeError
+from qmerge.settings import DataSettings, GPTQSettings, NF4Settings, RunSettings
+
+# flat key -> (section, field); section None for RunSettings' own fields
+KEYS: dict[str, tuple[str | None, str]] = {
+    "base": (None, "base"),
+    "adapter": (None, "adapter"),
+    "out": (None, "out"),
+    "merged_dtype": (None, "merged_dtype"),
+    "device": (None, "device"),
+    "seed": (None, "seed"),
+    "skip_gptq": (None, "skip_gptq"),
+    "max_kld": (None, "max_kld"),
+    "max_ppl_ratio": (None, "max_ppl_ratio"),
+    "quant_type": ("nf4", "quant_type"),
+    "double_quant": ("nf4", "double_quant"),
+    "nf4_blocksize": ("nf4", "blocksize"),
+    "compute_dtype": ("nf4", "compute_dtype"),
+    "quant_storage": ("nf4", "quant_storage"),
+    "skip_modules": ("nf4", "skip_modules"),
+    "bits": ("gptq", "bits"),
+    "group_size": ("gptq", "group_size"),
+    "act_order": ("gptq", "desc_act"),
+    "sym": ("gptq", "sym"),
+    "damp": ("gptq", "damp"),
+    "calibration": ("data", "calibration"),
+    "calibration_samples": ("data", "calibration_samples"),
+    "eval": ("data", "eval"),
+    "eval_samples": ("data", "eval_samples"),
+    "seq_len": ("data", "seq_len"),
+}
+_SECTIONS = {"nf4": NF4Settings, "gptq": GPTQSettings, "data": DataSettings}
+
+
+def defaults() -> dict:
+    """The built-in value of every recipe key."""
+    made = {name: cls() for name, cls in _SECTIONS.items()}
+    run_defaults = {f.name: None if f.default is MISSING else f.default for f in fields(RunSettings)}
+    out = {}
+    for key, (section, name) in KEYS.items():
+        out[key] = getattr(made[section], name) if section else run_defaults.get(name)
+    out["skip_modules"] = list(out["skip_modules"])
+    return out
+
+
+def load(path: Path) -> dict:
+    """A recipe file as a flat dict with underscore keys; unknown keys are refused by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise QmergeError(f"recipe {path} does not exist; pass a .yaml, .yml or .toml file")
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise QmergeError(f"recipe {path} does not parse ({type(e).__name__}); fix its syntax") from e
+    if not isinstance(raw, dict):
+        raise QmergeError(f"recipe {path} must be a mapping of settings, like 'bits: 4'")
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise QmergeError(f"recipe {path}: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(KEYS))}")
+    if isinstance(values.get("skip_modules"), str):
+        values["skip_modules"] = [s for s in values["skip_modules"].split(",") if s]
+    return values
+
+
+def to_settings(values: dict, overwrite: bool = False) -> RunSettings:
+    """Flat values (defaults filled in) → RunSettings; base, adapter and out must be set."""
+    flat = {**defaults(), **{k: v for k, v in values.items() if v is not None or k in ("max_kld", "max_ppl_ratio")}}
+    for key in ("base", "adapter", "out"):
+        if not flat.get(key):
+            raise QmergeError(f"--{key} is required (or set '{key}:' in the recipe)")
+    sections: dict[str | None, dict] = {None: {}, "nf4": {}, "gptq": {}, "data": {}}
+    for key, (section, name) in KEYS.items():
+        sections[section][name] = flat[key]
+    sections["nf4"]["skip_modules"] = tuple(sections["nf4"]["skip_modules"] or ())
+    top = sections[None]
+    top["out"] = Path(top["out"])
+    try:
+        return RunSettings(
+            **top, overwrite=overwrite, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
+        )
+    except TypeError as e:
+        raise QmergeError(f"a setting has the wrong type ({e}); check the recipe") from e
+
+
+def resolved(settings: RunSettings) -> dict:
+    """The flat recipe that reproduces `settings` (overwrite deliberately left out)."""
+    out = {}
+    for key, (section, name) in KEYS.items():
+        value = getattr(getattr(settings, section) if section else settings, name)
+        out[key.replace("_", "-")] = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
+    return out
+
+
+def dump(settings: RunSettings, path: Path) -> None:
+    header = "# Written by qmerge: repeat this run with  qmerge run --recipe THIS_FILE --out NEW_DIR\n"
+    path.write_text(header + yaml.safe_dump(resolved(settings), sort_keys=False))

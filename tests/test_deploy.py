@@ -155,3 +155,9 @@ def test_gptq_checkpoint_is_served_for_real(api_run):
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
     assert isinstance(answer["choices"][0]["message"]["content"], str) and answer["choices"][0]["message"]["content"].strip()
     assert answer["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("recipes/*.yaml")), ids=lambda p: p.name)
+def test_example_recipes_are_valid(path):
+    values = {"base": "b", "adapter": "a", "out": "o", **recipe.load(path)}
+    recipe.to_settings(values).validate()

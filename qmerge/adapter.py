@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft.utils.other import get_pattern_key
 
-from qmerge.checkpoint import LazyCheckpoint
+from qmerge.checkpoint import LazyCheckpoint, PickledCheckpoint
 from qmerge.errors import QmergeError
 
 PREFIX = "base_model.model."
@@ -54,7 +55,7 @@ class Adapter:
         return self.config.get("base_model_name_or_path")
 
 
-def load_adapter(directory: Path) -> Adapter:
+def load_adapter(directory: Path, allow_pickle: bool = False) -> Adapter:
     """Read adapter_config.json and adapter_model.safetensors; refuse what cannot be merged."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -66,17 +67,51 @@ def load_adapter(directory: Path) -> Adapter:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise QmergeError(f"{config_path} is not valid JSON ({e}); restore the file PEFT wrote") from e
-    weights = directory / "adapter_model.safetensors"
-    if not weights.exists():
-        pickled = directory / "adapter_model.bin"
-        hint = "; it holds adapter_model.bin (pickle): re-save with safe_serialization=True" if pickled.exists() else ""
-        raise QmergeError(f"{weights} is missing{hint}; pass the folder PEFT's save_pretrained wrote")
+    weights, pickled = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     _refuse_unsupported(config, config_path)
-    tensors = dict(LazyCheckpoint.file(weights).items())
+    if weights.exists():
+        tensors = dict(LazyCheckpoint.file(weights).items())
+    elif pickled.exists() and allow_pickle:
+        tensors = dict(PickledCheckpoint([pickled]).items())
+    elif pickled.exists():
+        raise QmergeError(f"{directory} holds adapter_model.bin (pickle, runs code when loaded); pass --allow-pickle if you trust it, or re-save with safe_serialization=True")
+    else:
+        raise QmergeError(f"{weights} is missing; pass the folder PEFT's save_pretrained wrote")
     return Adapter(directory, config, _lora_modules(config, tensors, config_path))
 
 
+_TYPES = {  # field -> (accepted types, description)
+    "r": ((int,), "a positive integer"),
+    "lora_alpha": ((int, float), "a positive number"),
+    "use_rslora": ((bool,), "true or false"),
+    "fan_in_fan_out": ((bool,), "true or false"),
+    "rank_pattern": ((dict,), "a mapping of module patterns to ranks"),
+    "alpha_pattern": ((dict,), "a mapping of module patterns to alphas"),
+}
+
+
+def _check_types(config: dict, path: Path) -> None:
+    """adapter_config.json values of the wrong type or range are refused by name, never a traceback."""
+    if not isinstance(config, dict):
+        raise QmergeError(f"{path} must hold a JSON object; restore the file PEFT wrote")
+    for field, (types, what) in _TYPES.items():
+        value = config.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise QmergeError(f"{path}: {field} = {value!r} must be {what}; fix adapter_config.json")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in (config.get(field) or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise QmergeError(f"{path}: {field}[{pattern!r}] = {value!r} must be a positive number; fix adapter_config.json")
+    for field in ("r", "lora_alpha"):
+        value = config.get(field)
+        if value is not None and value <= 0:
+            raise QmergeError(f"{path}: {field} = {value!r} must be positive; fix adapter_config.json")
+
+
 def _refuse_unsupported(config: dict, path: Path) -> None:
+    _check_types(config, path)
     if config.get("peft_type", "LORA") != "LORA":
         raise QmergeError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA; qmerge merges LoRA adapters only")
     for field, name in _UNSUPPORTED.items():
@@ -97,8 +132,13 @@ def _lora_modules(config: dict, tensors: dict[str, torch.Tensor], path: Path) ->
         a, b = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             raise QmergeError(f"{path.parent}: {key} has no lora_B partner; the adapter file is incomplete, re-save it")
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r_default)
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha_default)
+        try:
+            r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r_default)
+            alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha_default)
+        except re.error as e:
+            raise QmergeError(f"{path}: a rank_pattern/alpha_pattern key is not a valid regular expression ({e}); fix adapter_config.json") from e
+        if a.dim() != 2 or b.dim() != 2 or not a.is_floating_point() or not b.is_floating_point():
+            raise QmergeError(f"{path.parent}: {name} lora_A/lora_B are not 2-D float matrices; the adapter file is damaged, re-save it")
         if a.shape[0] != r or b.shape[1] != r:
             raise QmergeError(f"{path.parent}: {name} has rank {a.shape[0]} in its weights but r={r} in adapter_config.json; fix r/rank_pattern")
         if r <= 0 or alpha <= 0:

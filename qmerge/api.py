@@ -56,7 +56,7 @@ class RunResult:
 
 
 def run(base: str | None = None, adapter: str | None = None, out: str | Path | None = None, *, recipe_file: str | Path | None = None,
-        overwrite: bool = False, verbose: bool = False, progress: bool = False, **settings) -> RunResult:
+        overwrite: bool = False, resume: bool = False, verbose: bool = False, progress: bool = False, **settings) -> RunResult:
     """NF4 base → merge → GPTQ → drift → report; `settings` override the recipe, which overrides defaults."""
     values = recipe.load(Path(recipe_file)) if recipe_file else {}
     unknown = sorted(set(settings) - set(recipe.KEYS))
@@ -64,7 +64,7 @@ def run(base: str | None = None, adapter: str | None = None, out: str | Path | N
         raise QmergeError(f"unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(recipe.KEYS))}")
     given = {"base": base, "adapter": adapter, "out": str(out) if out is not None else None, **settings}
     values.update({k: v for k, v in given.items() if v is not None})
-    resolved = recipe.to_settings(values, overwrite=overwrite)
+    resolved = recipe.to_settings(values, overwrite=overwrite, resume=resume)
     report = pipeline.run(resolved, verbose=verbose, echo=progress)
     return RunResult(Path(resolved.out).resolve(), report)
 

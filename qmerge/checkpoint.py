@@ -28,17 +28,22 @@ class LazyCheckpoint:
         self._handles: dict[Path, object] = {}
 
     @classmethod
-    def open(cls, directory: Path) -> "LazyCheckpoint":
-        """A model directory: `model.safetensors` or shards listed in the index."""
+    def open(cls, directory: Path, allow_pickle: bool = False) -> "LazyCheckpoint":
+        """A model directory: `model.safetensors` or shards listed in the index; pickled
+        `pytorch_model*.bin` only with allow_pickle (loaded with torch's weights_only unpickler)."""
         directory = Path(directory)
         index, single = directory / INDEX_NAME, directory / "model.safetensors"
         if index.exists():
-            weight_map = _read_json(index)["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise QmergeError(f"{index} has no weight_map; restore the file")
             return cls({k: directory / v for k, v in weight_map.items()})
         if single.exists():
             return cls.file(single)
-        pickles = sorted(p.name for p in directory.glob("*.bin"))
-        hint = f" (found {pickles[0]}: pickle weights are not read; convert them to safetensors)" if pickles else ""
+        pickles = sorted(directory.glob("pytorch_model*.bin"))
+        if pickles and allow_pickle:
+            return PickledCheckpoint(pickles)
+        hint = f" (found {pickles[0].name}: pickle weights run code when loaded; pass --allow-pickle if you trust them, or convert to safetensors)" if pickles else ""
         raise QmergeError(f"no model.safetensors or {INDEX_NAME} in {directory}{hint}")
 
     @classmethod
@@ -53,7 +58,11 @@ class LazyCheckpoint:
         return tuple(self._open(self._file_of[key]).get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
-        return self._open(self._file_of[key]).get_tensor(key)
+        path = self._file_of[key]
+        try:
+            return self._open(path).get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise QmergeError(f"cannot read {key} from {path}: {e}; re-download or re-save the checkpoint") from e
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self._file_of:
@@ -66,6 +75,25 @@ class LazyCheckpoint:
             except (SafetensorError, OSError) as e:
                 raise QmergeError(f"cannot read {path}: {e}; re-download or re-save the checkpoint") from e
         return self._handles[path]
+
+
+class PickledCheckpoint(LazyCheckpoint):
+    """Pickled shards, read whole (torch.load cannot read one tensor at a time) with weights_only."""
+
+    def __init__(self, files: list[Path]):
+        self._tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                self._tensors.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as e:  # torch raises many types for a bad pickle
+                raise QmergeError(f"cannot read {f} ({type(e).__name__}); re-save the checkpoint as safetensors") from e
+        super().__init__(dict.fromkeys(self._tensors, files[0]))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
 
 
 def _keys(path: Path) -> list[str]:

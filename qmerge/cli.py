@@ -25,7 +25,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     B = argparse.BooleanOptionalAction
     p.add_argument("--recipe", type=Path, help="YAML or TOML file of settings; flags given here override it")
     p.add_argument("--out", help="output directory (must not exist or be empty unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new run has finished")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out, replacing each stage's output as the stage finishes")
+    p.add_argument("--resume", action="store_true", help="continue a run in --out: reuse every finished stage whose manifest verifies")
     p.add_argument("--bits", type=int, help="GPTQ bits: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, help="GPTQ group size, -1 for per channel (default 128)")
     p.add_argument("--act-order", action=B, help="GPTQ desc_act; off in the portable profile")
@@ -46,6 +47,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--skip-gptq", action=B, help="stop after the merge (drift of the merged model only)")
+    p.add_argument("--allow-pickle", action=B, help="read pickled .bin weights (they run code when loaded: trusted files only)")
+    p.add_argument("--trust-remote-code", action=B, help="run a model's own code from its repository (off by default)")
     p.add_argument("--max-kld", type=float, help="budget: fail with exit 3 if the final checkpoint's mean KLD exceeds this")
     p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
     p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout, everything else on stderr")
@@ -109,7 +112,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
 
         base, adapter = demo.prepare_inputs(echo=True)
         values.update(base=str(base), adapter=str(adapter))
-    result = api.run(overwrite=args.overwrite, verbose=args.verbose, progress=True, **values)
+    result = api.run(overwrite=args.overwrite, resume=args.resume, verbose=args.verbose, progress=True, **values)
     return result.summary()
 
 

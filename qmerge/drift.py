@@ -25,14 +25,15 @@ from qmerge.settings import NF4Settings
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
 
 
-def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: torch.device):
+def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
     """Base quantized by bitsandbytes at load + the adapter, unmerged: the model as trained."""
     from peft import PeftModel
 
     import bitsandbytes as bnb
 
     model = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=torch.float32, quantization_config=bnb_config(nf4, compute_dtype="float32"), device_map={"": device}
+        base_dir, dtype=torch.float32, quantization_config=bnb_config(nf4, compute_dtype="float32"), device_map={"": device},
+        trust_remote_code=trust_remote_code,
     )
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -49,9 +50,10 @@ def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
     return torch.float16 if quantized and device.type == "cuda" else torch.float32
 
 
-def load_candidate(path: Path, device: torch.device):
+def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = False):
     """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config)."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), device_map={"": device}).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), device_map={"": device}, trust_remote_code=trust_remote_code
+    ).eval()
 
 
 def _set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:

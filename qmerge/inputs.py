@@ -38,11 +38,11 @@ def load_base_config(base: Path, trust_remote_code: bool = False):
         raise QmergeError(f"{base} has no config.json; pass a Hugging Face model directory")
     raw = json.loads((base / "config.json").read_text())
     if raw.get("auto_map") and not trust_remote_code:
-        raise QmergeError(f"{base} needs remote code (auto_map in config.json); qmerge does not run it")
+        raise QmergeError(f"{base} needs remote code (auto_map in config.json); pass --trust-remote-code if you trust it")
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method", "?")
         raise QmergeError(f"{base} is already quantized ({method}); pass the bf16/fp16 base the adapter's bnb load started from")
-    return AutoConfig.from_pretrained(base)
+    return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
 
 
 def tree_sha256(directory: Path) -> str:

@@ -37,6 +37,8 @@ def merge(
     device: torch.device,
     into: str = "nf4",
     show_progress: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     """Write `out_dir` as a plain HF checkpoint of (NF4-round-tripped or original) base + adapter.
 
@@ -46,12 +48,12 @@ def merge(
     """
     from qmerge.inputs import load_base_config
 
-    config = load_base_config(base_dir)
-    base = LazyCheckpoint.open(base_dir)
+    config = load_base_config(base_dir, trust_remote_code)
+    base = LazyCheckpoint.open(base_dir, allow_pickle)
     if adapter is not None:
         check_fits(adapter, base)
     deltas = adapter.modules if adapter is not None else {}
-    quantized = {f"{n}.weight" for n in quantized_linear_names(config, nf4)} if into == "nf4" else set()
+    quantized = {f"{n}.weight" for n in quantized_linear_names(config, nf4, trust_remote_code)} if into == "nf4" else set()
     out_dtype = torch_dtype(dtype)
     writer = ShardWriter(out_dir)
     keys = base.keys()

@@ -33,7 +33,7 @@ def bnb_config(nf4: NF4Settings, compute_dtype: str | None = None) -> BitsAndByt
     )
 
 
-def quantized_linear_names(config: AutoConfig, nf4: NF4Settings) -> set[str]:
+def quantized_linear_names(config: AutoConfig, nf4: NF4Settings, trust_remote_code: bool = False) -> set[str]:
     """Module names transformers turns into bnb Linear4bit at load, decided by transformers itself
     (its quantizer's modules_to_not_convert: lm_head, tied/output embeddings, _keep_in_fp32_modules,
     the user's skip list) on a weightless model, so qmerge and the training run agree by construction."""
@@ -42,7 +42,7 @@ def quantized_linear_names(config: AutoConfig, nf4: NF4Settings) -> set[str]:
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     quantizer = Bnb4BitHfQuantizer(bnb_config(nf4))
     skip = quantizer.get_modules_to_not_convert(model, quantizer.quantization_config.llm_int8_skip_modules, model._keep_in_fp32_modules)
     model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=quantizer.quantization_config)

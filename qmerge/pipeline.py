@@ -8,24 +8,26 @@ unless --overwrite was given.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from qmerge import card, data, drift, recipe, report
+from qmerge import __version__, card, data, drift, recipe, report
 from qmerge.adapter import check_fits, load_adapter
 from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
 from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
 from qmerge.nf4 import quantized_linear_names
-from qmerge.quantize import check_group_size, quantize, servers
+from qmerge.quantize import check_group_size, quantize, read_quant_log, servers
+from qmerge.stages import StageStore, key_of
 from qmerge.settings import RunSettings
 
 
@@ -37,10 +39,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Nothing a user has is replaced without --overwrite."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise QmergeError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
+def check_out(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Nothing a user has is replaced without --overwrite (or continued without --resume)."""
+    if out.exists() and not out.is_dir():
+        raise QmergeError(f"output path {out} is a file; choose a directory for --out")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise QmergeError(f"output directory {out} exists and is not empty; choose another --out, pass --overwrite, or --resume a run")
 
 
 def staged(out: Path):
@@ -88,18 +92,19 @@ class Prepared:
 def prepare(settings: RunSettings) -> Prepared:
     """Fail in seconds on anything that would fail later: settings, inputs, shapes, group size, data."""
     settings.validate()
-    check_out(Path(settings.out), settings.overwrite)
+    check_out(Path(settings.out), settings.overwrite, settings.resume)
     device = pick_device(settings.device)
     base_dir = resolve(settings.base, "base")
     adapter_dir = resolve(settings.adapter, "adapter")
-    config = load_base_config(base_dir)
-    adapter = load_adapter(adapter_dir)
-    base = LazyCheckpoint.open(base_dir)
+    remote = settings.trust_remote_code
+    config = load_base_config(base_dir, remote)
+    adapter = load_adapter(adapter_dir, settings.allow_pickle)
+    base = LazyCheckpoint.open(base_dir, settings.allow_pickle)
     check_fits(adapter, base)
-    shapes = {n: base.shape(f"{n}.weight") for n in quantized_linear_names(config, settings.nf4)}
+    shapes = {n: base.shape(f"{n}.weight") for n in quantized_linear_names(config, settings.nf4, remote)}
     if not settings.skip_gptq:
         check_group_size(shapes, settings.gptq)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote)
     d = settings.data
     calibration = data.windows(d.calibration, "calibration", tokenizer, d.seq_len, d.calibration_samples)
     evaluation = data.windows(d.eval, "eval", tokenizer, d.seq_len, d.eval_samples)
@@ -108,55 +113,88 @@ def prepare(settings: RunSettings) -> Prepared:
 
 
 def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict:
-    """The whole pipeline; returns the report (also written to DIR/report.json and DIR/report.md)."""
+    """The whole pipeline; returns the report (also written to DIR/report.json and DIR/report.md).
+
+    Each stage (merged/, gptq/, drift/) is committed atomically with a manifest; with
+    settings.resume a stage whose manifest verifies against the current inputs and settings is reused."""
     torch.manual_seed(settings.seed)
     p = prepare(settings)
     out = Path(settings.out).resolve()
-    work = staged(out)
-    work.mkdir()
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    store = StageStore(out)
+    store.clean_partials()
     stages = Stages(p.device)
+    base_sha, adapter_sha = tree_sha256(p.base_dir), tree_sha256(p.adapter_dir)
+    common = {"qmerge": __version__, "device": p.device.type, "nf4": asdict(settings.nf4)}
+
+    def stage(name: str, key: str, build) -> dict:
+        info = store.reusable(name, key) if settings.resume else None
+        if info is not None:
+            stages.records[name] = {"reused": True}
+            if echo:
+                print(f"[qmerge] {name}: reused (manifest verified)", flush=True)
+            return info
+        info = {}
+        with stages.time(name, echo), store.build(name, key, info) as tmp:
+            build(tmp, info)
+        return info
+
     try:
-        with stages.time("merge", echo):
-            merged = merge(p.base_dir, p.adapter, work / "merged", settings.nf4, settings.merged_dtype, p.device, show_progress=echo)
-        candidates = {"merged (NF4 base + adapter)": work / "merged"}
-        quant_log: list[dict] = []
+        merged_key = key_of(stage="merged", base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, **common)
+
+        def build_merged(tmp: Path, info: dict) -> None:
+            result = merge(
+                p.base_dir, p.adapter, tmp, settings.nf4, settings.merged_dtype, p.device,
+                show_progress=echo, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
+            )
+            info.update(asdict(result))
+
+        merge_info = stage("merged", merged_key, build_merged)
+        candidates = {"merged (NF4 base + adapter)": out / "merged"}
+        gptq_key = None
         if not settings.skip_gptq:
-            with stages.time("gptq", echo):
-                quant_log = quantize(work / "merged", work / "gptq", p.calibration, settings.gptq, p.device, verbose)
-            candidates[f"gptq {settings.gptq.bits}-bit g{settings.gptq.group_size}"] = work / "gptq"
-        with stages.time("drift", echo):
-            reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device)
-            models = {name: drift.load_candidate(path, p.device) for name, path in candidates.items()}
+            gptq_key = key_of(stage="gptq", merged=merged_key, gptq=asdict(settings.gptq), calibration=sorted(data.window_hashes(p.calibration)), seed=settings.seed, **common)
+            stage("gptq", gptq_key, lambda tmp, info: quantize(out / "merged", tmp, p.calibration, settings.gptq, p.device, verbose, settings.trust_remote_code))
+            candidates[f"gptq {settings.gptq.bits}-bit g{settings.gptq.group_size}"] = out / "gptq"
+        drift_key = key_of(stage="drift", merged=merged_key, gptq=gptq_key, eval=sorted(data.window_hashes(p.evaluation)), **common)
+
+        def build_drift(tmp: Path, info: dict) -> None:
+            reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
+            models = {name: drift.load_candidate(path, p.device, settings.trust_remote_code) for name, path in candidates.items()}
             metrics = drift.evaluate(reference, models, p.evaluation, settings.nf4.compute_dtype, show_progress=echo)
-            del reference, models
-        rep = {
-            "schema_version": report.SCHEMA_VERSION,
-            "inputs": {
-                "base": {"spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": tree_sha256(p.base_dir)},
-                "adapter": {"spec": settings.adapter, "path": str(p.adapter_dir), "sha256": tree_sha256(p.adapter_dir)},
-                "calibration_windows": len(p.calibration),
-                "eval_windows": len(p.evaluation),
-            },
-            "settings": settings.to_dict(),
-            "versions": report.library_versions(),
-            "device": report.device_info(p.device),
-            "merge": {"nf4_modules": merged.nf4_modules, "lora_modules": merged.lora_modules, "tensors": merged.tensors},
-            "stages": stages.records,
-            "candidates": {name: {"path": str(out / path.name), "compute_dtype": str(drift.candidate_dtype(path, p.device)).removeprefix("torch.")} for name, path in candidates.items()},
-            "metrics": metrics,
-            "budgets": budgets(settings, metrics[list(candidates)[-1]]),
-            "servers": servers(settings.gptq, p.in_features) if not settings.skip_gptq else {},
-            "gptq_log": quant_log,
-            "recipe": recipe.resolved(settings),
-        }
-        report.write(rep, work)
-        recipe.dump(settings, work / "recipe.resolved.yaml")
-        if not settings.skip_gptq:
-            (work / "gptq" / "README.md").write_text(card.render(rep))
-        replace_dir(work, out)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+        stage("drift", drift_key, build_drift)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if created and not any((out / name).exists() for name in ("merged", "gptq", "drift")):
+            shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind
         raise
+    metrics = json.loads((out / "drift" / "metrics.json").read_text())
+    rep = {
+        "schema_version": report.SCHEMA_VERSION,
+        "inputs": {
+            "base": {"spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": base_sha},
+            "adapter": {"spec": settings.adapter, "path": str(p.adapter_dir), "sha256": adapter_sha},
+            "calibration_windows": len(p.calibration),
+            "eval_windows": len(p.evaluation),
+        },
+        "settings": settings.to_dict(),
+        "versions": report.library_versions(),
+        "device": report.device_info(p.device),
+        "merge": merge_info,
+        "stages": stages.records,
+        "candidates": {name: {"path": str(path), "compute_dtype": str(drift.candidate_dtype(path, p.device)).removeprefix("torch.")} for name, path in candidates.items()},
+        "metrics": metrics,
+        "budgets": budgets(settings, metrics[list(candidates)[-1]]),
+        "servers": servers(settings.gptq, p.in_features) if not settings.skip_gptq else {},
+        "gptq_log": read_quant_log(out / "gptq") if not settings.skip_gptq else [],
+        "recipe": recipe.resolved(settings),
+    }
+    report.write(rep, out)
+    recipe.dump(settings, out / "recipe.resolved.yaml")
+    if not settings.skip_gptq:
+        (out / "gptq" / "README.md").write_text(card.render(rep))
     if echo:
         print(report.table(rep))
         print(f"[qmerge] merged checkpoint: {out / 'merged'}")

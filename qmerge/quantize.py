@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import sys
 import tempfile
@@ -52,19 +53,22 @@ def servers(gptq: GPTQSettings, in_features: set[int]) -> dict[str, dict]:
     }
 
 
-def quantize(merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False) -> list[dict]:
+def quantize(
+    merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False, trust_remote_code: bool = False
+) -> list[dict]:
     """Quantize `merged_dir` into `out_dir`; returns the quantizer's per-module log
     (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv."""
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
-    with _quiet(log_path, verbose) as progress_stream, _scratch_cwd():
+    with _quiet(log_path, verbose) as progress_stream, _scratch_cwd() as scratch:
         from gptqmodel import GPTQModel, QuantizeConfig
 
         config = QuantizeConfig(
-            bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq"
+            bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq",
+            offload_to_disk_path=str(scratch / "offload"),
         )
-        model = GPTQModel.load(str(merged_dir), config, device=str(device))
+        model = GPTQModel.load(str(merged_dir), config, device=str(device), trust_remote_code=trust_remote_code)
         rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calibration]
         layers = model.model.model.layers
         bar = tqdm(total=len(layers), desc="gptq", unit="layer", file=progress_stream, disable=progress_stream is None, leave=False)
@@ -86,7 +90,25 @@ def quantize(merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: G
                 h.remove()
             bar.close()
         model.save(str(out_dir))
+    _scrub_local_paths(out_dir)
     return read_quant_log(out_dir)
+
+
+def _scrub_local_paths(out_dir: Path) -> None:
+    """GPTQModel records its scratch directory in the checkpoint's configs: a local path that differs
+    run to run (breaking byte-identical outputs) and means nothing to whoever loads the checkpoint."""
+    for name in ("config.json", "quantize_config.json"):
+        path = out_dir / name
+        if path.exists():
+            path.write_text(json.dumps(_without(json.loads(path.read_text()), "offload_to_disk_path"), indent=2, sort_keys=True) + "\n")
+
+
+def _without(value, key: str):
+    if isinstance(value, dict):
+        return {k: _without(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [_without(v, key) for v in value]
+    return value
 
 
 def read_quant_log(gptq_dir: Path) -> list[dict]:
@@ -105,7 +127,7 @@ def _scratch_cwd():
     with tempfile.TemporaryDirectory(prefix="qmerge-gptq-") as tmp:
         os.chdir(tmp)
         try:
-            yield
+            yield Path(tmp)
         finally:
             os.chdir(old)
 

@@ -32,6 +32,8 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "device": (None, "device"),
     "seed": (None, "seed"),
     "skip_gptq": (None, "skip_gptq"),
+    "allow_pickle": (None, "allow_pickle"),
+    "trust_remote_code": (None, "trust_remote_code"),
     "max_kld": (None, "max_kld"),
     "max_ppl_ratio": (None, "max_ppl_ratio"),
     "quant_type": ("nf4", "quant_type"),
@@ -86,7 +88,7 @@ def load(path: Path) -> dict:
     return values
 
 
-def to_settings(values: dict, overwrite: bool = False) -> RunSettings:
+def to_settings(values: dict, overwrite: bool = False, resume: bool = False) -> RunSettings:
     """Flat values (defaults filled in) → RunSettings; base, adapter and out must be set."""
     flat = {**defaults(), **{k: v for k, v in values.items() if v is not None or k in ("max_kld", "max_ppl_ratio")}}
     for key in ("base", "adapter", "out"):
@@ -100,7 +102,7 @@ def to_settings(values: dict, overwrite: bool = False) -> RunSettings:
     top["out"] = Path(top["out"])
     try:
         return RunSettings(
-            **top, overwrite=overwrite, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
+            **top, overwrite=overwrite, resume=resume, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
         )
     except TypeError as e:
         raise QmergeError(f"a setting has the wrong type ({e}); check the recipe") from e

@@ -88,6 +88,9 @@ class RunSettings:
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False
+    resume: bool = False
+    allow_pickle: bool = False  # read .bin weights (pickle runs code: only for trusted files)
+    trust_remote_code: bool = False
     skip_gptq: bool = False
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None

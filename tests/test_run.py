@@ -28,8 +28,8 @@ def run_out(tiny_base, tiny_adapter, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_layout_and_gptq_checkpoint(run_out):
     out, rep = run_out
-    assert sorted(p.name for p in out.iterdir()) == ["gptq", "merged", "recipe.resolved.yaml", "report.json", "report.md"]
-    assert not list(out.parent.glob(".out.partial-*"))
+    assert sorted(p.name for p in out.iterdir()) == ["drift", "gptq", "manifests", "merged", "recipe.resolved.yaml", "report.json", "report.md"]
+    assert not list(out.glob(".*"))  # no partial stage left
     qc = json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["format"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["pack_dtype"]) == (
         "gptq", "gptq", 4, 32, True, False, "int32",
@@ -40,7 +40,7 @@ def test_layout_and_gptq_checkpoint(run_out):
         assert torch.isfinite(model(torch.randint(3, 512, (2, 16))).logits).all()
     assert len(rep["gptq_log"]) == 14 and all(r["loss"] >= 0 for r in rep["gptq_log"])
     saved = json.loads((out / "report.json").read_text())
-    assert saved["schema_version"] == 1 and set(saved["stages"]) == {"merge", "gptq", "drift"}
+    assert saved["schema_version"] == 1 and set(saved["stages"]) == {"merged", "gptq", "drift"}
     assert len(saved["inputs"]["base"]["sha256"]) == 64 and saved["versions"]["gptqmodel"].startswith("7.7")
 
 

@@ -36,12 +36,10 @@ class LoraModule:
     a: torch.Tensor  # r × in
     b: torch.Tensor  # out × r
     scale: float
-    fan_in_fan_out: bool
 
     def delta(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """scale·B·A, computed in `dtype` on `device` (float32: the adapter trains in float32)."""
-        d = (self.b.to(device, dtype) @ self.a.to(device, dtype)) * self.scale
-        return d.T if self.fan_in_fan_out else d
+        return (self.b.to(device, dtype) @ self.a.to(device, dtype)) * self.scale
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ _TYPES = {  # field -> (accepted types, description)
     "r": ((int,), "a positive integer"),
     "lora_alpha": ((int, float), "a positive number"),
     "use_rslora": ((bool,), "true or false"),
-    "fan_in_fan_out": ((bool,), "true or false"),
+    "fan_in_fan_out": ((bool,), "true or false"),  # PEFT ignores it for nn.Linear, as qmerge does
     "rank_pattern": ((dict,), "a mapping of module patterns to ranks"),
     "alpha_pattern": ((dict,), "a mapping of module patterns to alphas"),
 }
@@ -147,7 +145,7 @@ def _lora_modules(config: dict, tensors: dict[str, torch.Tensor], path: Path) ->
             if not torch.isfinite(t).all():
                 raise QmergeError(f"{path.parent}: {name}.{which} holds NaN or Inf; the training run diverged, use an earlier checkpoint")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules[f"{name}.weight"] = LoraModule(f"{name}.weight", a, b, scale, bool(config.get("fan_in_fan_out")))
+        modules[f"{name}.weight"] = LoraModule(f"{name}.weight", a, b, scale)
     if not modules:
         raise QmergeError(f"{path.parent}: no lora_A/lora_B weights found in adapter_model.safetensors; is this a LoRA adapter?")
     return modules
@@ -160,8 +158,6 @@ def check_fits(adapter: Adapter, base: LazyCheckpoint) -> None:
         if key not in keys:
             raise QmergeError(f"adapter targets {key}, which the base does not have; is the adapter for this base model?")
         out_f, in_f = base.shape(key)
-        if mod.fan_in_fan_out:
-            out_f, in_f = in_f, out_f
         if mod.b.shape[0] != out_f or mod.a.shape[1] != in_f:
             raise QmergeError(
                 f"adapter's {key} is {mod.b.shape[0]}x{mod.a.shape[1]} but the base's is {out_f}x{in_f}; the adapter was trained on another model"

@@ -32,6 +32,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action=B, help="GPTQ desc_act; off in the portable profile")
     p.add_argument("--sym", action=B, help="symmetric GPTQ (default; vLLM's Marlin path needs it)")
     p.add_argument("--damp", type=float, help="GPTQ dampening fraction (default 0.01)")
+    p.add_argument("--target", help="server the checkpoint must load in: any (default), transformers, vllm, sglang; refused up front if it cannot")
     p.add_argument("--calibration", help="calibration source: stdlib, wikitext2, hf:NAME[:CONFIG]:SPLIT[:FIELD], or a .txt/.jsonl file or folder")
     p.add_argument("--calibration-samples", type=int, help="calibration windows (default 128)")
     p.add_argument("--eval", help="eval source, same forms as --calibration (default: stdlib eval part)")

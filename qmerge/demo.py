@@ -96,7 +96,7 @@ def _train_adapter(base: Path, directory: Path, echo: bool) -> None:
     model = get_peft_model(model, LoraConfig(r=TRAIN["r"], lora_alpha=TRAIN["lora_alpha"], lora_dropout=0.0, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TRAIN["lr"])
     model.train()
-    for step in tqdm(range(TRAIN["steps"]), desc="demo fine-tune", unit="step", disable=not echo, leave=False):
+    for step in tqdm(range(TRAIN["steps"]), desc="demo fine-tune", unit="step", disable=None if echo else True, leave=False):
         batch = windows[step * TRAIN["batch"] : (step + 1) * TRAIN["batch"]]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()

@@ -81,7 +81,7 @@ def evaluate(
     stats: dict[str, defaultdict[str, list]] = {}
     floor_dtype = torch_dtype(training_compute_dtype)
     clusters = []
-    for start in tqdm(range(0, len(windows), batch_size), desc="drift", unit="batch", disable=not show_progress, leave=False):
+    for start in tqdm(range(0, len(windows), batch_size), desc="drift", unit="batch", disable=None if show_progress else True, leave=False):
         ids = windows[start : start + batch_size].to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         clusters.append(torch.arange(start, start + len(ids)).repeat_interleave(targets.shape[1]))

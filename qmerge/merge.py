@@ -57,7 +57,8 @@ def merge(
     out_dtype = torch_dtype(dtype)
     writer = ShardWriter(out_dir)
     keys = base.keys()
-    for key in tqdm(keys, desc="merge", unit="tensor", disable=not show_progress, leave=False):
+    # disable=None: no bar when stderr is not a terminal, so logs and errors stay one line each
+    for key in tqdm(keys, desc="merge", unit="tensor", disable=None if show_progress else True, leave=False):
         tensor = base.get(key)
         if key in quantized or key in deltas:
             w = round_trip(tensor, nf4, device) if key in quantized else tensor.to(device, torch.float32)

@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from qmerge.errors import QmergeError
 from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
 from qmerge.nf4 import quantized_linear_names
-from qmerge.quantize import check_group_size, quantize, read_quant_log, servers
+from qmerge.quantize import check_group_size, check_target, quantize, read_quant_log, servers
 from qmerge.stages import StageStore, key_of
 from qmerge.settings import RunSettings
 
@@ -102,14 +103,37 @@ def prepare(settings: RunSettings) -> Prepared:
     base = LazyCheckpoint.open(base_dir, settings.allow_pickle)
     check_fits(adapter, base)
     shapes = {n: base.shape(f"{n}.weight") for n in quantized_linear_names(config, settings.nf4, remote)}
+    in_features = {shape[1] for shape in shapes.values()}
     if not settings.skip_gptq:
         check_group_size(shapes, settings.gptq)
+        check_target(settings.gptq, in_features)
+    check_vocabulary(adapter_dir, config, remote)
+    warn_if_other_base(adapter, settings.base, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote)
     d = settings.data
     calibration = data.windows(d.calibration, "calibration", tokenizer, d.seq_len, d.calibration_samples)
     evaluation = data.windows(d.eval, "eval", tokenizer, d.seq_len, d.eval_samples)
     data.check_disjoint(calibration, evaluation)
-    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation, {shape[1] for shape in shapes.values()})
+    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation, in_features)
+
+
+def check_vocabulary(adapter_dir: Path, config, trust_remote_code: bool) -> None:
+    """An adapter saved with its own, larger tokenizer was trained on resized embeddings qmerge does not have."""
+    if not any((adapter_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    size = len(AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code))
+    if size > config.vocab_size:
+        raise QmergeError(
+            f"the adapter's tokenizer has {size} tokens but the base's vocabulary is {config.vocab_size}; "
+            "the adapter was trained with resized embeddings: merge it with the resized base"
+        )
+
+
+def warn_if_other_base(adapter, base_spec: str, base_dir: Path) -> None:
+    """A warning only: paths move, so a differing base_model_name_or_path is no proof of a mismatch."""
+    named = adapter.base_model_name
+    if named and Path(named).name not in (Path(base_spec).name, base_dir.name) and named != base_spec:
+        print(f"qmerge: warning: the adapter names base {named!r}, not {base_spec!r}; continuing (shapes fit)", file=sys.stderr)
 
 
 def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict:
@@ -128,21 +152,24 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     base_sha, adapter_sha = tree_sha256(p.base_dir), tree_sha256(p.adapter_dir)
     common = {"qmerge": __version__, "device": p.device.type, "nf4": asdict(settings.nf4)}
 
-    def stage(name: str, key: str, build) -> dict:
+    def stage(name: str, parts: dict, build) -> str:
+        """Reuse or build one stage; returns its key, which downstream stages' keys include."""
+        key = key_of(**parts)
         info = store.reusable(name, key) if settings.resume else None
         if info is not None:
             stages.records[name] = {"reused": True}
             if echo:
                 print(f"[qmerge] {name}: reused (manifest verified)", flush=True)
-            return info
-        info = {}
-        with stages.time(name, echo), store.build(name, key, info) as tmp:
-            build(tmp, info)
-        return info
+        else:
+            info = {}
+            with stages.time(name, echo), store.build(name, parts, info) as tmp:
+                build(tmp, info)
+        infos[name] = info
+        return key
+
+    infos: dict[str, dict] = {}
 
     try:
-        merged_key = key_of(stage="merged", base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, **common)
-
         def build_merged(tmp: Path, info: dict) -> None:
             result = merge(
                 p.base_dir, p.adapter, tmp, settings.nf4, settings.merged_dtype, p.device,
@@ -150,22 +177,20 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             )
             info.update(asdict(result))
 
-        merge_info = stage("merged", merged_key, build_merged)
+        merged_key = stage("merged", dict(base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, **common), build_merged)
         candidates = {"merged (NF4 base + adapter)": out / "merged"}
         gptq_key = None
         if not settings.skip_gptq:
-            gptq_key = key_of(stage="gptq", merged=merged_key, gptq=asdict(settings.gptq), calibration=sorted(data.window_hashes(p.calibration)), seed=settings.seed, **common)
-            stage("gptq", gptq_key, lambda tmp, info: quantize(out / "merged", tmp, p.calibration, settings.gptq, p.device, verbose, settings.trust_remote_code))
+            parts = dict(merged=merged_key, gptq=asdict(settings.gptq), calibration=key_of(windows=sorted(data.window_hashes(p.calibration))), seed=settings.seed, **common)
+            gptq_key = stage("gptq", parts, lambda tmp, info: quantize(out / "merged", tmp, p.calibration, settings.gptq, p.device, verbose, settings.trust_remote_code))
             candidates[f"gptq {settings.gptq.bits}-bit g{settings.gptq.group_size}"] = out / "gptq"
-        drift_key = key_of(stage="drift", merged=merged_key, gptq=gptq_key, eval=sorted(data.window_hashes(p.evaluation)), **common)
-
         def build_drift(tmp: Path, info: dict) -> None:
             reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
             models = {name: drift.load_candidate(path, p.device, settings.trust_remote_code) for name, path in candidates.items()}
             metrics = drift.evaluate(reference, models, p.evaluation, settings.nf4.compute_dtype, show_progress=echo)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-        stage("drift", drift_key, build_drift)
+        stage("drift", dict(merged=merged_key, gptq=gptq_key, eval=key_of(windows=sorted(data.window_hashes(p.evaluation))), **common), build_drift)
     except BaseException:
         if created and not any((out / name).exists() for name in ("merged", "gptq", "drift")):
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind
@@ -182,7 +207,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         "settings": settings.to_dict(),
         "versions": report.library_versions(),
         "device": report.device_info(p.device),
-        "merge": merge_info,
+        "merge": infos["merged"],
         "stages": stages.records,
         "candidates": {name: {"path": str(path), "compute_dtype": str(drift.candidate_dtype(path, p.device)).removeprefix("torch.")} for name, path in candidates.items()},
         "metrics": metrics,

@@ -53,6 +53,14 @@ def servers(gptq: GPTQSettings, in_features: set[int]) -> dict[str, dict]:
     }
 
 
+def check_target(gptq: GPTQSettings, in_features: set[int]) -> None:
+    """Refuse, before any work, settings the chosen server cannot load."""
+    if gptq.target != "any":
+        verdict = servers(gptq, in_features)[gptq.target]
+        if not verdict["loads"]:
+            raise QmergeError(f"--target {gptq.target} cannot load this checkpoint: {verdict['why']}; change the GPTQ settings or the target")
+
+
 def quantize(
     merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False, trust_remote_code: bool = False
 ) -> list[dict]:
@@ -71,7 +79,7 @@ def quantize(
         model = GPTQModel.load(str(merged_dir), config, device=str(device), trust_remote_code=trust_remote_code)
         rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calibration]
         layers = model.model.model.layers
-        bar = tqdm(total=len(layers), desc="gptq", unit="layer", file=progress_stream, disable=progress_stream is None, leave=False)
+        bar = tqdm(total=len(layers), desc="gptq", unit="layer", file=progress_stream, disable=None, leave=False)
         seen: set[int] = set()
 
         def on_layer(index: int):

@@ -47,6 +47,7 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "act_order": ("gptq", "desc_act"),
     "sym": ("gptq", "sym"),
     "damp": ("gptq", "damp"),
+    "target": ("gptq", "target"),
     "calibration": ("data", "calibration"),
     "calibration_samples": ("data", "calibration_samples"),
     "eval": ("data", "eval"),

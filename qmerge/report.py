@@ -54,7 +54,8 @@ def table(report: dict) -> str:
 def markdown(report: dict) -> str:
     s = report["settings"]
     stages = "\n".join(
-        f"| {name} | {st['wall_s']:.1f} | {st['peak_rss_mb']:.0f} | {st.get('peak_gpu_mb') or '-'} |" for name, st in report["stages"].items()
+        f"| {name} | reused (manifest verified) | - | - |" if st.get("reused") else f"| {name} | {st['wall_s']:.1f} | {st['peak_rss_mb']:.0f} | {st.get('peak_gpu_mb') or '-'} |"
+        for name, st in report["stages"].items()
     )
     first = next(iter(report["metrics"].values()), {"tokens": 0, "windows": 0})
     return f"""# qmerge report

@@ -46,12 +46,15 @@ class GPTQSettings:
     desc_act: bool = False
     sym: bool = True
     damp: float = 0.01
+    target: str = "any"  # the server the checkpoint is for: any, transformers, vllm or sglang
 
     def validate(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise QmergeError(f"--bits {self.bits} is not supported; use 2, 3, 4 or 8")
         if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
             raise QmergeError(f"--group-size {self.group_size} is not supported; use -1 (per channel) or a power of two >= 16 such as 32, 64 or 128")
+        if self.target not in ("any", "transformers", "vllm", "sglang"):
+            raise QmergeError(f"--target {self.target!r} is unknown; use any, transformers, vllm or sglang")
         if not 0.0 < self.damp < 1.0:
             raise QmergeError(f"--damp {self.damp} is out of range; use a fraction such as 0.01 (GPTQ's default) up to 0.1")
 

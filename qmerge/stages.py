@@ -83,22 +83,23 @@ class StageStore:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def build(self, name: str, key: str, info: dict):
-        """Yield a fresh temporary directory; on success it becomes ROOT/name, with a manifest that
-        also keeps `info` (filled in by the caller meanwhile)."""
+    def build(self, name: str, parts: dict, info: dict):
+        """Yield a fresh temporary directory; on success it becomes ROOT/name, with a manifest of the
+        inputs and settings that produced it (`parts`, and their key) and `info` (filled in by the
+        caller meanwhile)."""
         tmp = self.root / f".{name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             yield tmp
-            self._commit(name, key, tmp, info)
+            self._commit(name, parts, tmp, info)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if disk_full(e):
                 raise QmergeError(f"no space left on the device writing {self.root / name}; free space or choose another --out (earlier outputs are intact)") from e
             raise
 
-    def _commit(self, name: str, key: str, tmp: Path, info: dict) -> None:
+    def _commit(self, name: str, parts: dict, tmp: Path, info: dict) -> None:
         _fsync_tree(tmp)
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = self.manifest_path(name)
@@ -110,7 +111,7 @@ class StageStore:
         os.replace(tmp, out)
         _fsync_dir(self.root)
         staging = manifest.with_suffix(".json.partial-tmp")
-        staging.write_text(json.dumps({"stage": name, "key": key, "files": files, "info": info}, indent=2))
+        staging.write_text(json.dumps({"stage": name, "key": key_of(**parts), "produced_by": parts, "files": files, "info": info}, indent=2, default=str))
         with open(staging, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(staging, manifest)

@@ -89,3 +89,12 @@ def mean_kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     lp = torch.log_softmax(p_logits.double(), -1)
     lq = torch.log_softmax(q_logits.double(), -1)
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+FUZZ_CASES: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Fuzz tests report how many cases they ran."""
+    for name, n in sorted(FUZZ_CASES.items()):
+        terminalreporter.write_line(f"fuzz: {name}: {n} cases")

@@ -1,0 +1,199 @@
+"""Reliability: crashes lose no finished stage, --resume completes byte-identically, bad input is
+refused with one line and exit 2, a full disk leaves earlier outputs intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_base, make_qlora_adapter, make_tokenizer
+
+# a model big enough that each stage takes a moment, so a kill lands inside it
+MID = dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2)
+ARGS = ["--group-size", "64", "--seq-len", "64", "--calibration-samples", "16", "--eval-samples", "6"]
+CHECKPOINT_FILES = ("merged/model.safetensors", "merged/config.json", "gptq/model.safetensors", "gptq/config.json", "gptq/quantize_config.json")
+
+
+def qmerge_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qmerge.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def mid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mid")
+    base = make_base(root / "base", **MID)
+    adapter = make_qlora_adapter(base, root / "adapter")
+    out = root / "uninterrupted"
+    subprocess.run(qmerge_cmd("run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *ARGS), check=True, capture_output=True, timeout=900)
+    return base, adapter, out
+
+
+@pytest.mark.parametrize("stage", ["merged", "gptq", "drift"])
+def test_sigkill_then_resume_is_byte_identical(mid, tmp_path, stage):
+    base, adapter, reference_out = mid
+    out = tmp_path / "out"
+    args = ["run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *ARGS]
+    proc = subprocess.Popen(qmerge_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not list(out.glob(f".{stage}.partial-*")):
+        assert proc.poll() is None, f"the run ended before the {stage} stage was seen"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifests" / f"{stage}.json").exists(), "the kill landed after the stage finished"
+    resumed = subprocess.run(qmerge_cmd(*args, "--resume"), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for earlier in ("merged", "gptq", "drift")[: ("merged", "gptq", "drift").index(stage)]:
+        assert f"{earlier}: reused (manifest verified)" in resumed.stdout
+    for rel in CHECKPOINT_FILES:
+        assert (out / rel).read_bytes() == (reference_out / rel).read_bytes(), rel
+    assert not list(out.glob(".*"))  # the killed run's partial stage is gone
+
+
+def test_resume_redoes_a_stage_whose_files_changed(mid, tmp_path):
+    base, adapter, reference_out = mid
+    out = tmp_path / "out"
+    args = ["run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *ARGS, "--skip-gptq"]
+    subprocess.run(qmerge_cmd(*args), check=True, capture_output=True, timeout=900)
+    (out / "merged" / "model.safetensors").write_bytes(b"damaged")
+    resumed = subprocess.run(qmerge_cmd(*args, "--resume"), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0 and "merged: reused" not in resumed.stdout
+    assert (out / "merged" / "model.safetensors").read_bytes() == (reference_out / "merged" / "model.safetensors").read_bytes()
+
+
+def one_line_exit_2(result: subprocess.CompletedProcess, *words: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qmerge: error: "), result.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def broken(tiny_base, tiny_adapter, tmp_path):
+    """Copies of the tiny base and adapter to damage one way or another."""
+    import shutil
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(tiny_base, base)
+    shutil.copytree(tiny_adapter, adapter)
+    return base, adapter
+
+
+def run_cli(base: Path, adapter: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(qmerge_cmd("run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--group-size", "32", *extra), capture_output=True, text=True, timeout=600)
+
+
+def _set_config(adapter: Path, **changes) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _scale_tensor(adapter: Path, factor: float) -> None:
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = tensors[key] * factor
+    save_file(tensors, path)
+
+
+BAD_INPUTS = {
+    "adapter_config_missing": (lambda b, a: (a / "adapter_config.json").unlink(), ["adapter_config.json is missing"]),
+    "adapter_weights_missing": (lambda b, a: (a / "adapter_model.safetensors").unlink(), ["adapter_model.safetensors is missing"]),
+    "invalid_json": (lambda b, a: (a / "adapter_config.json").write_text("{not json"), ["not valid JSON"]),
+    "truncated_adapter": (lambda b, a: (a / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes()[:300]), ["cannot read"]),
+    "truncated_base": (lambda b, a: (b / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes()[:5000]), ["cannot read"]),
+    "nan_weights": (lambda b, a: _scale_tensor(a, float("nan")), ["NaN or Inf"]),
+    "zero_rank": (lambda b, a: _set_config(a, r=0), ["r = 0 must be positive"]),
+    "negative_alpha": (lambda b, a: _set_config(a, lora_alpha=-16), ["lora_alpha = -16 must be positive"]),
+    "pickle_base": (lambda b, a: (torch.save(load_file(b / "model.safetensors"), b / "pytorch_model.bin"), (b / "model.safetensors").unlink()), ["--allow-pickle"]),
+    "remote_code": (lambda b, a: (b / "config.json").write_text(json.dumps({**json.loads((b / "config.json").read_text()), "auto_map": {"AutoModelForCausalLM": "m.M"}})), ["--trust-remote-code"]),
+    "dora": (lambda b, a: _set_config(a, use_dora=True), ["DoRA"]),
+    "missing_target": (lambda b, a: _rename_module(a, "q_proj", "qq_proj"), ["qq_proj", "base does not have"]),
+    "vocabulary": (lambda b, a: make_tokenizer(a, 700), ["700 tokens", "vocabulary is 512"]),
+}
+
+
+def _rename_module(adapter: Path, old: str, new: str) -> None:
+    path = adapter / "adapter_model.safetensors"
+    save_file({k.replace(old, new): v for k, v in load_file(path).items()}, path)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_one_line_exit_2_nothing_left(broken, tmp_path, case):
+    base, adapter = broken
+    damage, words = BAD_INPUTS[case]
+    damage(base, adapter)
+    out = tmp_path / "out"
+    one_line_exit_2(run_cli(base, adapter, out), *words)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_allow_pickle_reads_a_pickled_base(broken, tmp_path):
+    base, adapter = broken
+    BAD_INPUTS["pickle_base"][0](base, adapter)
+    result = run_cli(base, adapter, tmp_path / "out", "--allow-pickle", "--skip-gptq", "--seq-len", "64", "--eval-samples", "4", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["final"]["kld_mean"] < 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--bits", "5"], ["--bits 5"]),
+        (["--calibration", "{empty}"], ["calibration text is empty"]),
+        (["--calibration-samples", "100000"], ["100000 were asked for"]),
+        (["--target", "vllm", "--no-sym", "--bits", "3"], ["--target vllm cannot load", "3-bit", "asymmetric"]),
+        (["--calibration", "{same}", "--eval", "{same}"], ["also occur in the calibration set"]),
+    ],
+)
+def test_bad_settings_and_data(tiny_base, tiny_adapter, tmp_path, extra, words):
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "same.txt").write_text(" ".join(f"word{i}" for i in range(4000)))
+    extra = [e.format(empty=tmp_path / "empty.txt", same=tmp_path / "same.txt") for e in extra]
+    out = tmp_path / "out"
+    one_line_exit_2(run_cli(tiny_base, tiny_adapter, out, "--seq-len", "64", *extra), *words)
+    assert not out.exists()
+
+
+def test_disk_full_keeps_earlier_outputs(tiny_base, tiny_adapter, tmp_path):
+    """A size-limited tmpfs holds one run's outputs but not a second merged checkpoint beside them."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    args = ["--skip-gptq", "--seq-len", "64", "--eval-samples", "4", "--merged-dtype", "float32"]
+    probe = tmp_path / "probe"
+    assert run_cli(tiny_base, tiny_adapter, probe, *args).returncode == 0
+    size = sum(p.stat().st_size for p in probe.rglob("*") if p.is_file())
+    merged = sum(p.stat().st_size for p in (probe / "merged").glob("*") if p.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + merged // 2}", "tmpfs", str(mount)], check=True)
+    try:
+        out = mount / "out"
+        assert run_cli(tiny_base, tiny_adapter, out, *args).returncode == 0
+        before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        line = one_line_exit_2(run_cli(tiny_base, tiny_adapter, out, *args, "--overwrite", "--merged-dtype", "bfloat16"), "no space left")
+        assert "intact" in line
+        after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert after == before and not list(out.glob(".*"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_adapter_naming_another_base_warns_and_continues(broken, tmp_path):
+    base, adapter = broken
+    _set_config(adapter, base_model_name_or_path="someone/other-model")
+    result = run_cli(base, adapter, tmp_path / "out", "--skip-gptq", "--seq-len", "64", "--eval-samples", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "qmerge: warning: the adapter names base 'someone/other-model'" in result.stderr

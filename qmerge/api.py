@@ -19,6 +19,7 @@ from qmerge.adapter import load_adapter
 from qmerge.inputs import resolve
 from qmerge.merge import merge
 from qmerge.quantize import quantize
+from qmerge.stages import replace_dir, staged
 from qmerge.errors import QmergeError
 from qmerge.settings import GPTQSettings, NF4Settings
 
@@ -77,10 +78,10 @@ def merge_adapter(base: str, adapter: str, out: str | Path, *, into: str = "nf4"
         raise QmergeError(f"into={into!r}; use 'nf4' (the weights as trained) or 'original'")
     out = Path(out).resolve()
     pipeline.check_out(out, overwrite)
-    work = pipeline.staged(out)
+    work = staged(out)
     try:
         merge(resolve(base, "base"), load_adapter(resolve(adapter, "adapter")), work, nf4 or NF4Settings(), dtype, pipeline.pick_device(device), into, show_progress=False)
-        pipeline.replace_dir(work, out)
+        replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -105,10 +106,10 @@ def gptq_quantize(merged: str | Path, out: str | Path, *, calibration: str = "st
     windows = data.windows(calibration, "calibration", tokenizer, seq_len, calibration_samples)
     out = Path(out).resolve()
     pipeline.check_out(out, overwrite)
-    work = pipeline.staged(out)
+    work = staged(out)
     try:
         log = quantize(merged, work, windows, gptq, pipeline.pick_device(device), verbose)
-        pipeline.replace_dir(work, out)
+        replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(out, log)

@@ -1,15 +1,15 @@
 """`qmerge run`: validate everything, then NF4 base → merge → GPTQ → drift → report.
 
-All output is built in a hidden sibling of DIR and renamed into place only when every stage has
-finished, so a failed or interrupted run leaves no partial DIR behind and never touches an existing one
-unless --overwrite was given.
+Everything that can be checked is checked before DIR is created, so bad input leaves nothing behind.
+Each stage is then committed atomically with a manifest (qmerge.stages): a crash loses no finished
+stage, --resume reuses the verified ones, and an existing DIR is touched only with --overwrite or
+--resume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import shutil
 import sys
@@ -46,14 +46,6 @@ def check_out(out: Path, overwrite: bool, resume: bool = False) -> None:
         raise QmergeError(f"output path {out} is a file; choose a directory for --out")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise QmergeError(f"output directory {out} exists and is not empty; choose another --out, pass --overwrite, or --resume a run")
-
-
-def staged(out: Path):
-    """A hidden sibling of `out` to build in; see `replace_dir`."""
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.parent.mkdir(parents=True, exist_ok=True)
-    return work
 
 
 @dataclass
@@ -236,14 +228,3 @@ def budgets(settings: RunSettings, final: dict) -> dict:
         if limit is not None:
             out[name] = {"limit": limit, "value": value, "ok": value <= limit}
     return out
-
-
-def replace_dir(work: Path, out: Path) -> None:
-    """Move the finished work dir into place; an existing DIR (allowed by --overwrite) goes only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(work, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -105,15 +105,31 @@ class StageStore:
         manifest = self.manifest_path(name)
         manifest.parent.mkdir(exist_ok=True)
         manifest.unlink(missing_ok=True)  # never a manifest describing files that are not there
-        out, old = self.root / name, self.root / f".{name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        _fsync_dir(self.root)
+        replace_dir(tmp, self.root / name)
         staging = manifest.with_suffix(".json.partial-tmp")
         staging.write_text(json.dumps({"stage": name, "key": key_of(**parts), "produced_by": parts, "files": files, "info": info}, indent=2, default=str))
         with open(staging, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(staging, manifest)
         _fsync_dir(manifest.parent)
+
+
+def staged(out: Path) -> Path:
+    """A hidden sibling of `out` to build a single output in (the API's merge and quantize); see `replace_dir`."""
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def replace_dir(work: Path, out: Path) -> None:
+    """Move a finished directory into place; an existing one (allowed by --overwrite) is removed
+    only after the new one is there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(work, out)
+    _fsync_dir(out.parent)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)

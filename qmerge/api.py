@@ -126,7 +126,7 @@ def evaluate(base: str, adapter: str, candidates: dict[str, str | Path], *, eval
     windows = data.windows(eval, "eval", tokenizer, seq_len, eval_samples)
     reference = drift.load_reference(base_dir, adapter_dir, nf4, dev)
     models = {name: drift.load_candidate(Path(path), dev) for name, path in candidates.items()}
-    return drift.evaluate(reference, models, windows, nf4.compute_dtype, show_progress=False)
+    return drift.evaluate(reference, models, windows, nf4.compute_dtype, show_progress=False, scored_bytes=data.scored_bytes(windows, tokenizer))
 
 
 def push(directory: str | Path, repo_id: str, *, private: bool = False) -> str:

@@ -128,6 +128,11 @@ def windows(source: str, role: str, tokenizer, seq_len: int, count: int) -> torc
     return token_windows(load_texts(source, role, tokenizer), tokenizer, seq_len, count, role)
 
 
+def scored_bytes(windows: torch.Tensor, tokenizer) -> int:
+    """UTF-8 bytes of the scored text (every token after each window's first), for bits per byte."""
+    return sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in windows)
+
+
 def window_hashes(windows: torch.Tensor) -> set[str]:
     return {hashlib.sha256(w.numpy().tobytes()).hexdigest() for w in windows}
 

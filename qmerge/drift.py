@@ -72,6 +72,7 @@ def evaluate(
     training_compute_dtype: str,
     batch_size: int = 1,
     show_progress: bool = True,
+    scored_bytes: int | None = None,
 ) -> dict[str, dict]:
     """Metrics of every candidate (and of the noise floor) against the reference.
 
@@ -98,7 +99,9 @@ def evaluate(
                 logits = model(input_ids=inputs).logits
             s = token_stats(ref_lp, log_probs(logits), targets)
             acc = stats.setdefault(name, defaultdict(list))
-            for field in ("nll_ref", "nll", "kld", "top1_same"):
+            for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
                 acc[field].append(getattr(s, field).cpu())
     cluster_ids = torch.cat(clusters)
-    return {name: summarize(**{k: torch.cat(v) for k, v in acc.items()}, clusters=cluster_ids) for name, acc in stats.items()}
+    return {
+        name: summarize(**{k: torch.cat(v) for k, v in acc.items()}, clusters=cluster_ids, scored_bytes=scored_bytes) for name, acc in stats.items()
+    }

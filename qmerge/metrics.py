@@ -22,6 +22,7 @@ class TokenStats:
     nll: torch.Tensor
     kld: torch.Tensor
     top1_same: torch.Tensor  # bool
+    top5_same: torch.Tensor  # bool: the same set of five most likely tokens, in any order
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,13 @@ def token_stats(ref_lp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -
         nll=-lp.gather(-1, idx).squeeze(-1).flatten(),
         kld=kld.flatten(),
         top1_same=(ref_lp.argmax(-1) == lp.argmax(-1)).flatten(),
+        top5_same=(_top5(ref_lp) == _top5(lp)).all(-1).flatten(),
     )
+
+
+def _top5(lp: torch.Tensor) -> torch.Tensor:
+    k = min(5, lp.shape[-1])
+    return lp.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
 def clustered_mean(values: torch.Tensor, clusters: torch.Tensor) -> tuple[float, float]:
@@ -73,13 +80,30 @@ def quantile(values: torch.Tensor, q: float) -> float:
     return (v[lo] + (v[hi] - v[lo]) * (pos - lo)).item()
 
 
-def summarize(nll_ref: torch.Tensor, nll: torch.Tensor, kld: torch.Tensor, top1_same: torch.Tensor, clusters: torch.Tensor) -> dict:
-    """Every headline number of one candidate against the reference, with clustered SEs."""
+def summarize(
+    nll_ref: torch.Tensor,
+    nll: torch.Tensor,
+    kld: torch.Tensor,
+    top1_same: torch.Tensor,
+    top5_same: torch.Tensor,
+    clusters: torch.Tensor,
+    scored_bytes: int | None = None,
+) -> dict:
+    """Every number of one candidate against the reference, with clustered SEs.
+
+    Δp = p(actual token) − p_ref(actual token), as llama.cpp reports it; bits per byte =
+    Σ NLL / ln 2 / UTF-8 bytes of the scored text, comparable across tokenizers."""
     ppl, ppl_se = perplexity(nll, clusters)
     ppl_ref, ppl_ref_se = perplexity(nll_ref, clusters)
     ln_ratio, ln_ratio_se = clustered_mean(nll - nll_ref, clusters)  # paired: same tokens
     kld_mean, kld_se = clustered_mean(kld, clusters)
     top1, top1_se = clustered_mean(top1_same.double(), clusters)
+    top5, top5_se = clustered_mean(top5_same.double(), clusters)
+    dp = torch.exp(-nll.double()) - torch.exp(-nll_ref.double())
+    dp_mean, dp_se = clustered_mean(dp, clusters)
+    bpb = {}
+    if scored_bytes:
+        bpb = {"bits_per_byte": nll.double().sum().item() / math.log(2) / scored_bytes, "bits_per_byte_ref": nll_ref.double().sum().item() / math.log(2) / scored_bytes}
     return {
         "tokens": int(nll.numel()),
         "windows": int(torch.unique(clusters).numel()),
@@ -93,8 +117,18 @@ def summarize(nll_ref: torch.Tensor, nll: torch.Tensor, kld: torch.Tensor, top1_
         "kld_mean": kld_mean,
         "kld_mean_se": kld_se,
         "kld_median": quantile(kld, 0.5),
+        "kld_p90": quantile(kld, 0.9),
         "kld_p99": quantile(kld, 0.99),
+        "kld_p999": quantile(kld, 0.999),
         "kld_max": kld.max().item(),
         "top1_agreement": top1,
         "top1_agreement_se": top1_se,
+        "top5_agreement": top5,
+        "top5_agreement_se": top5_se,
+        "delta_p_mean": dp_mean,
+        "delta_p_mean_se": dp_se,
+        "delta_p_rms": dp.pow(2).mean().sqrt().item(),
+        **{f"delta_p_p{q}": quantile(dp, q / 100) for q in (1, 5, 95, 99)},
+        "nll_correlation": torch.corrcoef(torch.stack([nll.double(), nll_ref.double()]))[0, 1].item(),
+        **bpb,
     }

@@ -79,6 +79,7 @@ class Prepared:
     device: torch.device
     calibration: torch.Tensor
     evaluation: torch.Tensor
+    eval_bytes: int  # UTF-8 bytes of the scored eval text
     in_features: set[int]  # of every layer GPTQ quantizes
 
 
@@ -106,7 +107,7 @@ def prepare(settings: RunSettings) -> Prepared:
     calibration = data.windows(d.calibration, "calibration", tokenizer, d.seq_len, d.calibration_samples)
     evaluation = data.windows(d.eval, "eval", tokenizer, d.seq_len, d.eval_samples)
     data.check_disjoint(calibration, evaluation)
-    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation, in_features)
+    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation, data.scored_bytes(evaluation, tokenizer), in_features)
 
 
 def check_vocabulary(adapter_dir: Path, config, trust_remote_code: bool) -> None:
@@ -179,7 +180,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         def build_drift(tmp: Path, info: dict) -> None:
             reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
             models = {name: drift.load_candidate(path, p.device, settings.trust_remote_code) for name, path in candidates.items()}
-            metrics = drift.evaluate(reference, models, p.evaluation, settings.nf4.compute_dtype, show_progress=echo)
+            metrics = drift.evaluate(reference, models, p.evaluation, settings.nf4.compute_dtype, show_progress=echo, scored_bytes=p.eval_bytes)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
         stage("drift", dict(merged=merged_key, gptq=gptq_key, eval=key_of(windows=sorted(data.window_hashes(p.evaluation))), **common), build_drift)

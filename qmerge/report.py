@@ -51,6 +51,23 @@ def table(report: dict) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def detail_table(report: dict) -> str:
+    """The rest of llama.cpp's statistics, per candidate."""
+    head = (
+        "| model | KLD median | KLD p90 | KLD p99.9 | top-5 agree ± SE | Δp mean ± SE | Δp RMS | Δp p1 / p99 | NLL corr | bits/byte (ref) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for name, m in report["metrics"].items():
+        bpb = f"{m['bits_per_byte']:.4f} ({m['bits_per_byte_ref']:.4f})" if "bits_per_byte" in m else "-"
+        rows.append(
+            f"| {name} | {m['kld_median']:.3e} | {m['kld_p90']:.3e} | {m['kld_p999']:.3e} | {100 * m['top5_agreement']:.2f}% ± {100 * m['top5_agreement_se']:.2f} "
+            f"| {m['delta_p_mean']:+.2e} ± {m['delta_p_mean_se']:.1e} | {m['delta_p_rms']:.2e} | {m['delta_p_p1']:+.2e} / {m['delta_p_p99']:+.2e} "
+            f"| {m['nll_correlation']:.5f} | {bpb} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     stages = "\n".join(
@@ -73,6 +90,10 @@ next-token predictions: every position of each window predicted from the window'
 KL(reference ‖ model). Standard errors are clustered by window; the PPL ratio is paired (same tokens).
 
 {table(report)}
+{detail_table(report)}
+Δp = p(actual next token) under the model − under the reference; bits per byte = total NLL in bits
+over the UTF-8 bytes of the scored text (tokenizer-independent).
+
 The noise-floor row is the reference itself with its 4-bit layers computing in the training
 compute dtype ({s['nf4']['compute_dtype']}): drift below it is below what the training run's own arithmetic moved.
 

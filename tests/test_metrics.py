@@ -16,8 +16,12 @@ def test_token_stats_hand_computed():
     assert math.isclose(s.kld.item(), 0.25 * math.log(2), rel_tol=1e-12)  # .5·ln2 + .25·ln(.5)
     assert math.isclose(s.nll_ref.item(), math.log(2), rel_tol=1e-12)
     assert math.isclose(s.nll.item(), math.log(4), rel_tol=1e-12)
-    assert not s.top1_same.item()
+    assert not s.top1_same.item() and s.top5_same.item()  # three tokens: the same top-5 set
     same = token_stats(log_probs(p.view(1, 1, 3)), log_probs((p + 3.0).view(1, 1, 3)), torch.tensor([[1]]))  # shift-invariant
+    wide = torch.arange(8, dtype=torch.float64).view(1, 1, 8)
+    swapped = wide.clone()
+    swapped[..., [2, 3]] = swapped[..., [3, 2]]  # 2 leaves the top five, 3 joins it
+    assert not token_stats(log_probs(wide), log_probs(swapped), torch.tensor([[0]])).top5_same.item()
     assert same.kld.item() < 1e-15 and same.top1_same.item()
 
 
@@ -25,14 +29,23 @@ def test_summarize_hand_computed():
     nll_ref = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     nll = nll_ref + torch.tensor([0.1, 0.1, 0.3, 0.3], dtype=torch.float64)
     clusters = torch.tensor([0, 0, 1, 1])
-    m = summarize(nll_ref, nll, torch.tensor([0.0, 0.1, 0.2, 0.3], dtype=torch.float64), torch.tensor([True, True, False, True]), clusters)
+    m = summarize(
+        nll_ref, nll, torch.tensor([0.0, 0.1, 0.2, 0.3], dtype=torch.float64), torch.tensor([True, True, False, True]),
+        torch.tensor([True, False, False, True]), clusters, scored_bytes=10,
+    )
     assert math.isclose(m["ppl_ref"], math.exp(2.5), rel_tol=1e-12)
     assert math.isclose(m["ppl_ratio"], math.exp(0.2), rel_tol=1e-12)
     # cluster totals of the paired difference: 0.2 and 0.6, mean 0.2/token, n_g = 2:
     # SE² = 2/1 · ((0.2−0.4)² + (0.6−0.4)²) / 4² = 0.01
     assert math.isclose(m["ln_ppl_ratio_se"], 0.1, rel_tol=1e-9)
     assert math.isclose(m["kld_mean"], 0.15, rel_tol=1e-12) and math.isclose(m["kld_max"], 0.3)
-    assert m["top1_agreement"] == 0.75 and (m["tokens"], m["windows"]) == (4, 2)
+    assert m["top1_agreement"] == 0.75 and m["top5_agreement"] == 0.5 and (m["tokens"], m["windows"]) == (4, 2)
+    dp = [math.exp(-(a + d)) - math.exp(-a) for a, d in ((1, 0.1), (2, 0.1), (3, 0.3), (4, 0.3))]
+    assert math.isclose(m["delta_p_mean"], sum(dp) / 4, rel_tol=1e-12)
+    assert math.isclose(m["delta_p_rms"], math.sqrt(sum(x * x for x in dp) / 4), rel_tol=1e-12)
+    assert math.isclose(m["bits_per_byte"], sum(nll.tolist()) / math.log(2) / 10, rel_tol=1e-12)
+    assert math.isclose(m["bits_per_byte_ref"], 10 / math.log(2) / 10, rel_tol=1e-12)
+    assert 0.9 < m["nll_correlation"] <= 1.0  # nll = nll_ref + small shifts: strongly correlated
 
 
 def test_clustered_se_matches_cluster_bootstrap():

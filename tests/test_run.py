@@ -45,11 +45,16 @@ def test_layout_and_gptq_checkpoint(run_out):
 
 
 def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny_adapter):
-    """Recompute PPL, KLD and agreement here from the three models, with plain formulas (1e-4 rel)."""
+    """Recompute the metrics here from the three models, with plain formulas (1e-4 rel)."""
     out, rep = run_out
     tok = AutoTokenizer.from_pretrained(tiny_base)
     windows = data.token_windows(data.stdlib_part("eval"), tok, 64, 6, "eval")
     inputs, targets = windows[:, :-1], windows[:, 1:]
+    n_bytes = sum(len(tok.decode(w[1:].tolist()).encode()) for w in windows)
+
+    def top5(lp):
+        return lp.topk(5, dim=-1).indices.sort(dim=-1).values
+
     with torch.no_grad():
         ref = torch.log_softmax(reference_model(tiny_base, tiny_adapter)(inputs).logits.double(), -1)
         for name, path in (("merged (NF4 base + adapter)", out / "merged"), ("gptq 4-bit g32", out / "gptq")):
@@ -65,6 +70,12 @@ def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny
                 "kld_p99": torch.quantile(kld, 0.99).item(),
                 "kld_max": kld.max().item(),
                 "top1_agreement": (ref.argmax(-1) == lp.argmax(-1)).double().mean().item(),
+                "kld_median": torch.quantile(kld, 0.5).item(),
+                "kld_p90": torch.quantile(kld, 0.9).item(),
+                "top5_agreement": (top5(ref) == top5(lp)).all(-1).double().mean().item(),
+                "delta_p_mean": (torch.exp(-nll) - torch.exp(-nll_ref)).mean().item(),
+                "nll_correlation": torch.corrcoef(torch.stack([nll, nll_ref]))[0, 1].item(),
+                "bits_per_byte": nll.sum().item() / math.log(2) / n_bytes,
             }
             got = rep["metrics"][name]
             for key, value in expected.items():

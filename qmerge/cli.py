@@ -50,6 +50,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-gptq", action=B, help="stop after the merge (drift of the merged model only)")
     p.add_argument("--allow-pickle", action=B, help="read pickled .bin weights (they run code when loaded: trusted files only)")
     p.add_argument("--trust-remote-code", action=B, help="run a model's own code from its repository (off by default)")
+    p.add_argument("--baselines", help="context rows in the report: original (adapter merged into the 16-bit weights), base (no adapter), both (default) or none")
     p.add_argument("--max-kld", type=float, help="budget: fail with exit 3 if the final checkpoint's mean KLD exceeds this")
     p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
     p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout, everything else on stderr")
@@ -84,9 +85,7 @@ def run_values(args: argparse.Namespace) -> dict:
     values = recipe.load(args.recipe) if args.recipe else {}
     if args.command == "demo":
         values = {**DEMO_DEFAULTS, **values}
-    given = {k: v for k, v in vars(args).items() if k in recipe.KEYS and v is not None}
-    if isinstance(given.get("skip_modules"), str):
-        given["skip_modules"] = [s for s in given["skip_modules"].split(",") if s]
+    given = recipe.split_lists({k: v for k, v in vars(args).items() if k in recipe.KEYS and v is not None})
     return {**values, **given}
 
 

@@ -56,6 +56,24 @@ def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = F
     ).eval()
 
 
+BASELINES = {
+    "original": "merged into original 16-bit base (PEFT fp16, unsloth, LLaMA-Factory)",
+    "base": "base without adapter (the fine-tune's own effect)",
+}
+
+
+def load_baseline(kind: str, base_dir: Path, adapter, device: torch.device, trust_remote_code: bool = False):
+    """Context rows, built in memory: "original" adds the adapter to the original 16-bit weights (what
+    most merge tools do); "base" is the base model without the adapter."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code)
+    if kind == "original":
+        state = model.state_dict()  # shares storage with the parameters
+        with torch.no_grad():
+            for key, module in adapter.modules.items():
+                state[key] += module.delta(device)
+    return model.eval()
+
+
 def _set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     import bitsandbytes as bnb
 

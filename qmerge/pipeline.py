@@ -180,10 +180,12 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         def build_drift(tmp: Path, info: dict) -> None:
             reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
             models = {name: drift.load_candidate(path, p.device, settings.trust_remote_code) for name, path in candidates.items()}
+            for kind in settings.baselines:
+                models[drift.BASELINES[kind]] = drift.load_baseline(kind, p.base_dir, p.adapter, p.device, settings.trust_remote_code)
             metrics = drift.evaluate(reference, models, p.evaluation, settings.nf4.compute_dtype, show_progress=echo, scored_bytes=p.eval_bytes)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-        stage("drift", dict(merged=merged_key, gptq=gptq_key, eval=key_of(windows=sorted(data.window_hashes(p.evaluation))), **common), build_drift)
+        stage("drift", dict(merged=merged_key, gptq=gptq_key, baselines=settings.baselines, eval=key_of(windows=sorted(data.window_hashes(p.evaluation))), **common), build_drift)
     except BaseException:
         if created and not any((out / name).exists() for name in ("merged", "gptq", "drift")):
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind

@@ -34,6 +34,7 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "skip_gptq": (None, "skip_gptq"),
     "allow_pickle": (None, "allow_pickle"),
     "trust_remote_code": (None, "trust_remote_code"),
+    "baselines": (None, "baselines"),
     "max_kld": (None, "max_kld"),
     "max_ppl_ratio": (None, "max_ppl_ratio"),
     "quant_type": ("nf4", "quant_type"),
@@ -65,6 +66,7 @@ def defaults() -> dict:
     for key, (section, name) in KEYS.items():
         out[key] = getattr(made[section], name) if section else run_defaults.get(name)
     out["skip_modules"] = list(out["skip_modules"])
+    out["baselines"] = list(out["baselines"])
     return out
 
 
@@ -84,8 +86,14 @@ def load(path: Path) -> dict:
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise QmergeError(f"recipe {path}: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(KEYS))}")
-    if isinstance(values.get("skip_modules"), str):
-        values["skip_modules"] = [s for s in values["skip_modules"].split(",") if s]
+    return split_lists(values)
+
+
+def split_lists(values: dict) -> dict:
+    """List settings may be written as comma-separated strings ("none" for an empty list)."""
+    for key in ("skip_modules", "baselines"):
+        if isinstance(values.get(key), str):
+            values[key] = [s for s in values[key].split(",") if s and s != "none"]
     return values
 
 
@@ -99,6 +107,7 @@ def to_settings(values: dict, overwrite: bool = False, resume: bool = False) -> 
     for key, (section, name) in KEYS.items():
         sections[section][name] = flat[key]
     sections["nf4"]["skip_modules"] = tuple(sections["nf4"]["skip_modules"] or ())
+    sections[None]["baselines"] = tuple(sections[None]["baselines"] or ())
     top = sections[None]
     top["out"] = Path(top["out"])
     try:

@@ -95,6 +95,7 @@ class RunSettings:
     allow_pickle: bool = False  # read .bin weights (pickle runs code: only for trusted files)
     trust_remote_code: bool = False
     skip_gptq: bool = False
+    baselines: tuple[str, ...] = ("original", "base")  # context rows in the drift report
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
 
@@ -106,6 +107,9 @@ class RunSettings:
             raise QmergeError(f"--merged-dtype {self.merged_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise QmergeError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+        unknown = sorted(set(self.baselines) - {"original", "base"})
+        if unknown:
+            raise QmergeError(f"--baselines {unknown[0]!r} is unknown; use original, base, both (original,base) or none")
         for flag, value in (("--max-kld", self.max_kld), ("--max-ppl-ratio", self.max_ppl_ratio)):
             if value is not None and value <= 0:
                 raise QmergeError(f"{flag} {value} must be positive")

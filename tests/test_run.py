@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_base, make_qlora_adapter, reference_model
 from qmerge import data, pipeline
+from qmerge.drift import BASELINES
 from qmerge.settings import DataSettings, GPTQSettings, RunSettings
 
 SETTINGS = dict(gptq=GPTQSettings(group_size=32), data=DataSettings(calibration_samples=16, eval_samples=6, seq_len=64))
@@ -82,6 +83,8 @@ def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny
                 assert math.isclose(got[key], value, rel_tol=1e-4, abs_tol=1e-12), (name, key, got[key], value)
     merged = rep["metrics"]["merged (NF4 base + adapter)"]
     assert merged["kld_mean"] <= 1e-3 and rep["metrics"]["gptq 4-bit g32"]["kld_mean"] > merged["kld_mean"]
+    original, base = (rep["metrics"][BASELINES[k]] for k in ("original", "base"))
+    assert original["kld_mean"] > 100 * merged["kld_mean"] and base["kld_mean"] > original["kld_mean"]
 
 
 def qmerge_cli(*args: str) -> subprocess.CompletedProcess:

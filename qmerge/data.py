@@ -1,10 +1,11 @@
 """Text sources → token windows for calibration and evaluation.
 
 A source is one of:
-  stdlib                      docstrings of Python's standard library (embedded, offline); its
-                              documents are split by content hash into disjoint train /
-                              calibration / eval parts, so calibration and eval never share text;
-  wikitext2                   WikiText-2 raw from the hub (train split for calibration, test for eval);
+  a preset                    a file calibration/NAME.toml (stdlib, wikitext2, wikitext2-local, c4):
+                              kind "stdlib" = docstrings of Python's standard library (embedded,
+                              offline), split by content hash into disjoint train / calibration / eval
+                              parts; kind "hub" = a hub dataset with a split per role; kind "file" =
+                              local files per role;
   hf:NAME[:CONFIG]:SPLIT[:FIELD]  any hub dataset with a text field (default field "text");
   PATH                        a local .txt, .jsonl ("text" or chat "messages" per line) or a folder of them.
 Windows are non-overlapping `seq_len`-token slices of the documents joined by blank lines, taken in
@@ -17,6 +18,7 @@ import ast
 import hashlib
 import json
 import sysconfig
+import tomllib
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,12 +56,30 @@ def stdlib_part(part: str) -> list[str]:
     return [d for d in stdlib_docstrings() if int(hashlib.sha256(d.encode()).hexdigest(), 16) % 10 in buckets]
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "calibration"
+
+
+def preset(name: str) -> dict | None:
+    """calibration/NAME.toml, or None; "stdlib" works without the folder (a non-editable install)."""
+    path = PRESETS / f"{name}.toml"
+    if path.is_file():
+        return {**tomllib.loads(path.read_text()), "_dir": path.parent}
+    return {"kind": "stdlib"} if name == "stdlib" else None
+
+
 def load_texts(source: str, role: str, tokenizer=None) -> list[str]:
     """Documents of `source` for `role` ("calibration", "eval" or "train")."""
-    if source == "stdlib":
-        return stdlib_part(role)
-    if source == "wikitext2":
-        return _hub_texts("wikitext", "wikitext-2-raw-v1", "test" if role == "eval" else "train", "text")
+    p = preset(source) if "/" not in source and not source.startswith("hf:") else None
+    if p is not None:
+        if p["kind"] == "stdlib":
+            return stdlib_part(role)
+        if p["kind"] == "hub":
+            files = p.get(f"{role}_data_files")
+            return _hub_texts(p["dataset"], p.get("config"), p[f"{role}_split"], p.get("text_field", "text"), files)
+        path = (p["_dir"] / p[f"{role}_path"]).resolve()
+        if not path.exists():
+            raise QmergeError(f"preset {source!r} reads {path}, which does not exist here; use another --calibration/--eval source")
+        return _file_texts(path, tokenizer)
     if source.startswith("hf:"):
         parts = source[3:].split(":")
         if len(parts) < 2:
@@ -70,7 +90,8 @@ def load_texts(source: str, role: str, tokenizer=None) -> list[str]:
         return _hub_texts(name, config, rest[-1], field)
     path = Path(source).expanduser()
     if not path.exists():
-        raise QmergeError(f"data source {source!r} is neither a preset (stdlib, wikitext2, hf:...) nor an existing file")
+        presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml"))) or "stdlib"
+        raise QmergeError(f"data source {source!r} is neither a preset ({presets}), hf:NAME..., nor an existing file")
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     if not files:
         raise QmergeError(f"{path} holds no .txt or .jsonl files; add some or name a file")
@@ -97,11 +118,11 @@ def _file_texts(path: Path, tokenizer) -> list[str]:
     return docs
 
 
-def _hub_texts(name: str, config: str | None, split: str, field: str) -> list[str]:
+def _hub_texts(name: str, config: str | None, split: str, field: str, data_files: str | None = None) -> list[str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, data_files=data_files)
     except Exception as e:  # datasets raises many types for a missing or unreachable dataset
         raise QmergeError(f"cannot load dataset {name}/{config}:{split} ({type(e).__name__}); check the name and your network") from e
     if field not in ds.column_names:

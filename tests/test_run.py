@@ -124,3 +124,23 @@ def test_non_empty_out_needs_overwrite(tiny_base, tiny_adapter, tmp_path):
 def test_group_size_that_does_not_divide_is_refused_up_front(tiny_base, tiny_adapter, tmp_path):
     result = qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--out", str(tmp_path / "o"), "--group-size", "128")
     assert_bad_input(result, "in_features 64", "--group-size 64")
+
+
+SHARED_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+@pytest.mark.skipif(not SHARED_WIKITEXT.exists(), reason="../shared/data/wikitext-2 is not beside this checkout")
+def test_local_wikitext_preset_gives_disjoint_windows(tiny_base):
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    calibration = data.windows("wikitext2-local", "calibration", tok, 128, 64)
+    evaluation = data.windows("wikitext2-local", "eval", tok, 128, 64)
+    assert calibration.shape == evaluation.shape == (64, 128)
+    data.check_disjoint(calibration, evaluation)
+    assert tok.decode(evaluation[0][:40]).strip().startswith("= Robert")  # the test split's first article
+
+
+def test_every_preset_declares_its_kind():
+    import tomllib
+
+    for path in data.PRESETS.glob("*.toml"):
+        assert tomllib.loads(path.read_text())["kind"] in ("stdlib", "hub", "file"), path

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check in one short run, for a lent H100/H200 (see BENCHMARKS.md for recorded results).
-# The device image has torch but not this stack: carry wheels in .whl/ (bitsandbytes, peft,
-# transformers, gptqmodel and its pure-Python needs); they install to /tmp/site.
+# The device image has torch but not this stack: carry wheels in .whl/ (listed in .git/info/exclude),
+# made here with `pip download --no-deps` for Python 3.12 manylinux (see the device tool's README):
+#   bitsandbytes==0.50.2 peft==0.21.2 transformers==5.24.0 optimum==2.3.0, plus gptqmodel==7.7.0,
+#   logbar, tokenicer, device-smi, defuser (pure-Python wheels pip built here: ~/.cache/pip/wheels).
+# They install to /tmp/site. Run: device tool `run` with carry [".whl"] and
+#   bash scripts/device_check.sh [--only nf4,tiny,bandwidth,7b]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/device}

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from qmerge import data
 from qmerge.errors import QmergeError
+from qmerge.stages import replace_dir, staged
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN = dict(r=16, lora_alpha=32, steps=40, batch=4, seq_len=256, lr=2e-3, seed=0)
@@ -49,15 +50,13 @@ def _cached(directory: Path, build, what: str, echo: bool) -> Path:
         return directory
     if echo:
         print(f"[qmerge] demo {what} (once; cached in {directory})", flush=True)
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staged(directory)
+    tmp.mkdir()
     try:
         build(tmp)
-    except BaseException:
+        replace_dir(tmp, directory)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.replace(tmp, directory)
     return directory
 
 

@@ -2,7 +2,7 @@
 
     from qmerge import run
     result = run("meta-llama/Llama-3.1-8B", "my-org/qlora", "out/llama", group_size=128, max_kld=0.05)
-    result.gptq, result.report["metrics"], result.budgets_ok
+    result.gptq, result.report["evaluations"][0]["metrics"], result.budgets_ok
 
 Settings are the CLI's long options with underscores (see qmerge.recipe.KEYS); every function
 returns paths and numbers instead of printing, and raises QmergeError on bad input.
@@ -43,8 +43,8 @@ class RunResult:
 
     def summary(self) -> dict:
         """What a deploy script gates on: paths, the final checkpoint's headline numbers, budgets."""
-        name = list(self.report["candidates"])[-1]
-        m = self.report["metrics"][name]
+        name = self.report["final"]
+        m = self.report["evaluations"][0]["metrics"][name]
         return {
             "out": str(self.out),
             "merged": str(self.merged),
@@ -126,7 +126,8 @@ def evaluate(base: str, adapter: str, candidates: dict[str, str | Path], *, eval
     windows = data.windows(eval, "eval", tokenizer, seq_len, eval_samples)
     reference = drift.load_reference(base_dir, adapter_dir, nf4, dev)
     models = {name: drift.load_candidate(Path(path), dev) for name, path in candidates.items()}
-    return drift.evaluate(reference, models, windows, nf4.compute_dtype, show_progress=False, scored_bytes=data.scored_bytes(windows, tokenizer))
+    result = drift.evaluate(reference, models, windows, nf4.compute_dtype, show_progress=False, scored_bytes=data.scored_bytes(windows, tokenizer))
+    return result["metrics"]
 
 
 def push(directory: str | Path, repo_id: str, *, private: bool = False) -> str:

@@ -35,7 +35,8 @@ int32 packing, calibrated on `{s['data']['calibration']}` ({rep['inputs']['calib
 
 ## Drift from the QLoRA model as trained
 
-Eval on `{s['data']['eval']}`; KLD = KL(as trained ‖ model); standard errors clustered by window.
+Eval on `{rep['evaluations'][0]['eval']}`; KLD = KL(as trained ‖ model); standard errors clustered by window;
+size = bytes of tensor data, bits/weight over the quantized linear layers.
 
 {report.table(rep)}
 ## Servers

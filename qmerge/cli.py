@@ -35,9 +35,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="server the checkpoint must load in: any (default), transformers, vllm, sglang; refused up front if it cannot")
     p.add_argument("--calibration", help="calibration source: stdlib, wikitext2, hf:NAME[:CONFIG]:SPLIT[:FIELD], or a .txt/.jsonl file or folder")
     p.add_argument("--calibration-samples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--eval", help="eval source, same forms as --calibration (default: stdlib eval part)")
+    p.add_argument("--eval", help="eval sources, comma-separated, same forms as --calibration (default: stdlib eval part); metrics per set")
     p.add_argument("--eval-samples", type=int, help="eval windows (default 32)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    p.add_argument("--allow-overlap", action=B, help="evaluate even on windows that are also in the calibration set (the overlapping fraction is reported)")
     p.add_argument("--quant-type", help="training-time bnb_4bit_quant_type (default nf4)")
     p.add_argument("--double-quant", action=B, help="training-time bnb_4bit_use_double_quant (default on)")
     p.add_argument("--nf4-blocksize", type=int, help="training-time bitsandbytes blocksize (default 64)")
@@ -50,7 +51,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-gptq", action=B, help="stop after the merge (drift of the merged model only)")
     p.add_argument("--allow-pickle", action=B, help="read pickled .bin weights (they run code when loaded: trusted files only)")
     p.add_argument("--trust-remote-code", action=B, help="run a model's own code from its repository (off by default)")
-    p.add_argument("--baselines", help="context rows in the report: original (adapter merged into the 16-bit weights), base (no adapter), both (default) or none")
+    p.add_argument(
+        "--candidates",
+        help="report rows, comma-separated: merged, original, peft-nf4, rtn, gptq, gptq-original, base (default: all but gptq-original)",
+    )
     p.add_argument("--max-kld", type=float, help="budget: fail with exit 3 if the final checkpoint's mean KLD exceeds this")
     p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
     p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout, everything else on stderr")

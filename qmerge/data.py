@@ -154,12 +154,27 @@ def scored_bytes(windows: torch.Tensor, tokenizer) -> int:
     return sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in windows)
 
 
+def _window_hash(window: torch.Tensor) -> str:
+    return hashlib.sha256(window.numpy().tobytes()).hexdigest()
+
+
 def window_hashes(windows: torch.Tensor) -> set[str]:
-    return {hashlib.sha256(w.numpy().tobytes()).hexdigest() for w in windows}
+    return {_window_hash(w) for w in windows}
 
 
-def check_disjoint(calibration: torch.Tensor, evaluation: torch.Tensor) -> None:
-    """Refuse an eval set that shares a window with the calibration set."""
-    shared = window_hashes(calibration) & window_hashes(evaluation)
-    if shared:
-        raise QmergeError(f"{len(shared)} eval windows also occur in the calibration set; use a different eval source or split")
+def stream_sha256(windows: torch.Tensor) -> str:
+    """One digest of the ordered windows: equal digests mean the same token stream (reports comparable)."""
+    return hashlib.sha256("".join(_window_hash(w) for w in windows).encode()).hexdigest()
+
+
+def check_disjoint(calibration: torch.Tensor, evaluation: torch.Tensor, name: str = "eval", allow: bool = False) -> float:
+    """The fraction of eval windows that also occur in the calibration set. GPTQ fitted those windows,
+    so drift measured on them flatters it: refused unless `allow` (--allow-overlap)."""
+    shared = window_hashes(calibration)
+    count = sum(_window_hash(w) in shared for w in evaluation)
+    if count and not allow:
+        raise QmergeError(
+            f"{count} of {len(evaluation)} windows of eval set {name!r} also occur in the calibration set; "
+            "use a different eval source or split, or pass --allow-overlap to measure anyway"
+        )
+    return count / len(evaluation)

@@ -132,3 +132,25 @@ def summarize(
         "nll_correlation": torch.corrcoef(torch.stack([nll.double(), nll_ref.double()]))[0, 1].item(),
         **bpb,
     }
+
+
+KLD_HIST_EDGES = torch.logspace(-8, 2, 51, dtype=torch.float64)  # 5 bins per decade, 1e-8 .. 1e2
+
+
+def kld_histogram(kld: torch.Tensor) -> dict:
+    """Counts of per-token KLD in log-spaced bins; values outside [1e-8, 1e2] (exact zeros included)
+    are counted in the first or last bin, so the counts sum to the number of tokens."""
+    inner = KLD_HIST_EDGES[1:-1]
+    bins = torch.bucketize(kld.double().flatten(), inner, right=True)
+    counts = torch.bincount(bins, minlength=len(KLD_HIST_EDGES) - 1)
+    return {"edges": KLD_HIST_EDGES.tolist(), "counts": counts.tolist()}
+
+
+def per_window(clusters: torch.Tensor, **values: torch.Tensor) -> dict[str, list]:
+    """Per-window sums of each per-token series (and the token count per window), in window order:
+    enough to recompute every mean, or to pair two reports window by window."""
+    ids, inv = torch.unique(clusters, return_inverse=True)
+    out = {"tokens": torch.bincount(inv, minlength=len(ids)).tolist()}
+    for name, v in values.items():
+        out[name] = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inv, v.double().flatten()).tolist()
+    return out

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from qmerge import __version__, card, data, drift, recipe, report
+from qmerge import __version__, candidates, card, data, drift, recipe, report
 from qmerge.adapter import check_fits, load_adapter
 from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
@@ -70,6 +70,16 @@ class Stages:
 
 
 @dataclass(frozen=True)
+class EvalSet:
+    """One eval source cut into windows."""
+
+    name: str  # the source as given (preset name or path)
+    windows: torch.Tensor
+    scored_bytes: int  # UTF-8 bytes of the scored text
+    overlap: float  # fraction of its windows also in the calibration set (0 unless --allow-overlap)
+
+
+@dataclass(frozen=True)
 class Prepared:
     """Everything validated before the first heavy stage."""
 
@@ -78,9 +88,12 @@ class Prepared:
     adapter: object
     device: torch.device
     calibration: torch.Tensor
-    evaluation: torch.Tensor
-    eval_bytes: int  # UTF-8 bytes of the scored eval text
-    in_features: set[int]  # of every layer GPTQ quantizes
+    evaluations: tuple[EvalSet, ...]
+    linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer that gets quantized
+
+    @property
+    def in_features(self) -> set[int]:
+        return {shape[1] for shape in self.linears.values()}
 
 
 def prepare(settings: RunSettings) -> Prepared:
@@ -95,7 +108,7 @@ def prepare(settings: RunSettings) -> Prepared:
     adapter = load_adapter(adapter_dir, settings.allow_pickle)
     base = LazyCheckpoint.open(base_dir, settings.allow_pickle)
     check_fits(adapter, base)
-    shapes = {n: base.shape(f"{n}.weight") for n in quantized_linear_names(config, settings.nf4, remote)}
+    shapes = {n: tuple(base.shape(f"{n}.weight")) for n in quantized_linear_names(config, settings.nf4, remote)}
     in_features = {shape[1] for shape in shapes.values()}
     if not settings.skip_gptq:
         check_group_size(shapes, settings.gptq)
@@ -105,9 +118,12 @@ def prepare(settings: RunSettings) -> Prepared:
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote)
     d = settings.data
     calibration = data.windows(d.calibration, "calibration", tokenizer, d.seq_len, d.calibration_samples)
-    evaluation = data.windows(d.eval, "eval", tokenizer, d.seq_len, d.eval_samples)
-    data.check_disjoint(calibration, evaluation)
-    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation, data.scored_bytes(evaluation, tokenizer), in_features)
+    evaluations = []
+    for name in d.eval:
+        windows = data.windows(name, "eval", tokenizer, d.seq_len, d.eval_samples)
+        overlap = data.check_disjoint(calibration, windows, name, allow=d.allow_overlap)
+        evaluations.append(EvalSet(name, windows, data.scored_bytes(windows, tokenizer), overlap))
+    return Prepared(base_dir, adapter_dir, adapter, device, calibration, tuple(evaluations), shapes)
 
 
 def check_vocabulary(adapter_dir: Path, config, trust_remote_code: bool) -> None:
@@ -163,50 +179,70 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     infos: dict[str, dict] = {}
 
     try:
-        def build_merged(tmp: Path, info: dict) -> None:
-            result = merge(
-                p.base_dir, p.adapter, tmp, settings.nf4, settings.merged_dtype, p.device,
-                show_progress=echo, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
-            )
-            info.update(asdict(result))
+        def merged_stage(name: str, into: str) -> str:
+            def build(tmp: Path, info: dict) -> None:
+                result = merge(
+                    p.base_dir, p.adapter, tmp, settings.nf4, settings.merged_dtype, p.device, into=into,
+                    show_progress=echo, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
+                )
+                info.update(asdict(result))
 
-        merged_key = stage("merged", dict(base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, **common), build_merged)
-        candidates = {"merged (NF4 base + adapter)": out / "merged"}
-        gptq_key = None
-        if not settings.skip_gptq:
-            parts = dict(merged=merged_key, gptq=asdict(settings.gptq), calibration=key_of(windows=sorted(data.window_hashes(p.calibration))), seed=settings.seed, **common)
-            gptq_key = stage("gptq", parts, lambda tmp, info: quantize(out / "merged", tmp, p.calibration, settings.gptq, p.device, verbose, settings.trust_remote_code))
-            candidates[f"gptq {settings.gptq.bits}-bit g{settings.gptq.group_size}"] = out / "gptq"
+            target = {} if into == "nf4" else {"into": into}
+            return stage(name, dict(base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, **target, **common), build)
+
+        def gptq_stage(name: str, source: str, source_key: str) -> str:
+            parts = dict(merged=source_key, gptq=asdict(settings.gptq), calibration=calibration_key, seed=settings.seed, **common)
+            return stage(name, parts, lambda tmp, info: quantize(out / source, tmp, p.calibration, settings.gptq, p.device, verbose, settings.trust_remote_code))
+
+        kinds = settings.evaluated
+        calibration_key = key_of(windows=sorted(data.window_hashes(p.calibration)))
+        merged_key = merged_stage("merged", "nf4")
+        gptq_keys = {}
+        if "gptq" in kinds:
+            gptq_keys["gptq"] = gptq_stage("gptq", "merged", merged_key)
+        if "gptq-original" in kinds:  # the GPTQ most tools' users would ship: of the original-base merge
+            gptq_keys["gptq-original"] = gptq_stage("gptq-original", "merged-original", merged_stage("merged-original", "original"))
+        src = candidates.Sources(
+            out, p.base_dir, p.adapter_dir, p.adapter, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, settings.trust_remote_code
+        )
+
         def build_drift(tmp: Path, info: dict) -> None:
             reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
-            models = {name: drift.load_candidate(path, p.device, settings.trust_remote_code) for name, path in candidates.items()}
-            for kind in settings.baselines:
-                models[drift.BASELINES[kind]] = drift.load_baseline(kind, p.base_dir, p.adapter, p.device, settings.trust_remote_code)
-            metrics = drift.evaluate(reference, models, p.evaluation, settings.nf4.compute_dtype, show_progress=echo, scored_bytes=p.eval_bytes)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            names = {kind: candidates.display_name(kind, settings.gptq) for kind in kinds}
+            models = {names[kind]: candidates.build(kind, src) for kind in kinds}
+            rows = {names[kind]: candidates.describe(kind, models[names[kind]], src) for kind in kinds}
+            if settings.nf4.compute_dtype != "float32":
+                rows[drift.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
+            evaluations = [evaluate_set(e, reference, models, settings, echo) for e in p.evaluations]
+            (tmp / "candidates.json").write_text(json.dumps(rows, indent=2))
+            (tmp / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
 
-        stage("drift", dict(merged=merged_key, gptq=gptq_key, baselines=settings.baselines, eval=key_of(windows=sorted(data.window_hashes(p.evaluation))), **common), build_drift)
+        evals = [(e.name, data.stream_sha256(e.windows)) for e in p.evaluations]
+        stage("drift", dict(merged=merged_key, gptq=gptq_keys, candidates=kinds, grid=asdict(settings.gptq), evals=evals, **common), build_drift)
     except BaseException:
-        if created and not any((out / name).exists() for name in ("merged", "gptq", "drift")):
+        if created and not (out / "manifests").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind
         raise
-    metrics = json.loads((out / "drift" / "metrics.json").read_text())
+    evaluations = json.loads((out / "drift" / "evaluations.json").read_text())
+    final = candidates.display_name(settings.final_kind, settings.gptq)
     rep = {
         "schema_version": report.SCHEMA_VERSION,
         "inputs": {
             "base": {"spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": base_sha},
             "adapter": {"spec": settings.adapter, "path": str(p.adapter_dir), "sha256": adapter_sha},
             "calibration_windows": len(p.calibration),
-            "eval_windows": len(p.evaluation),
+            "eval_windows": len(p.evaluations[0].windows),
         },
         "settings": settings.to_dict(),
         "versions": report.library_versions(),
         "device": report.device_info(p.device),
         "merge": infos["merged"],
         "stages": stages.records,
-        "candidates": {name: {"path": str(path), "compute_dtype": str(drift.candidate_dtype(path, p.device)).removeprefix("torch.")} for name, path in candidates.items()},
-        "metrics": metrics,
-        "budgets": budgets(settings, metrics[list(candidates)[-1]]),
+        "reference": {"name": report.REFERENCE, "kind": "qlora"},
+        "candidates": json.loads((out / "drift" / "candidates.json").read_text()),
+        "evaluations": evaluations,
+        "final": final,
+        "budgets": budgets(settings, evaluations[0]["metrics"][final]),
         "servers": servers(settings.gptq, p.in_features) if not settings.skip_gptq else {},
         "gptq_log": read_quant_log(out / "gptq") if not settings.skip_gptq else [],
         "recipe": recipe.resolved(settings),
@@ -222,6 +258,22 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             print(f"[qmerge] GPTQ checkpoint:   {out / 'gptq'}")
         print(f"[qmerge] report:            {out / 'report.md'} (and report.json)")
     return rep
+
+
+def evaluate_set(e: EvalSet, reference: torch.nn.Module, models: dict[str, torch.nn.Module], settings: RunSettings, echo: bool) -> dict:
+    """One eval set's section of report.json (schema v2): its token stream and every candidate's drift on it."""
+    result = drift.evaluate(reference, models, e.windows, settings.nf4.compute_dtype, show_progress=echo, scored_bytes=e.scored_bytes)
+    first = next(iter(result["metrics"].values()))
+    return {
+        "eval": e.name,
+        "windows": len(e.windows),
+        "seq_len": settings.data.seq_len,
+        "tokens": first["tokens"],
+        "scored_bytes": e.scored_bytes,
+        "windows_sha256": data.stream_sha256(e.windows),
+        "calibration_overlap": e.overlap,
+        **result,
+    }
 
 
 def budgets(settings: RunSettings, final: dict) -> dict:

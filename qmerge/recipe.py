@@ -34,7 +34,7 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "skip_gptq": (None, "skip_gptq"),
     "allow_pickle": (None, "allow_pickle"),
     "trust_remote_code": (None, "trust_remote_code"),
-    "baselines": (None, "baselines"),
+    "candidates": (None, "candidates"),
     "max_kld": (None, "max_kld"),
     "max_ppl_ratio": (None, "max_ppl_ratio"),
     "quant_type": ("nf4", "quant_type"),
@@ -54,7 +54,9 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "eval": ("data", "eval"),
     "eval_samples": ("data", "eval_samples"),
     "seq_len": ("data", "seq_len"),
+    "allow_overlap": ("data", "allow_overlap"),
 }
+LISTS = ("skip_modules", "candidates", "eval")  # tuple settings; a recipe or flag may write them comma-separated
 _SECTIONS = {"nf4": NF4Settings, "gptq": GPTQSettings, "data": DataSettings}
 
 
@@ -65,8 +67,8 @@ def defaults() -> dict:
     out = {}
     for key, (section, name) in KEYS.items():
         out[key] = getattr(made[section], name) if section else run_defaults.get(name)
-    out["skip_modules"] = list(out["skip_modules"])
-    out["baselines"] = list(out["baselines"])
+    for key in LISTS:
+        out[key] = list(out[key])
     return out
 
 
@@ -91,7 +93,7 @@ def load(path: Path) -> dict:
 
 def split_lists(values: dict) -> dict:
     """List settings may be written as comma-separated strings ("none" for an empty list)."""
-    for key in ("skip_modules", "baselines"):
+    for key in LISTS:
         if isinstance(values.get(key), str):
             values[key] = [s for s in values[key].split(",") if s and s != "none"]
     return values
@@ -99,15 +101,16 @@ def split_lists(values: dict) -> dict:
 
 def to_settings(values: dict, overwrite: bool = False, resume: bool = False) -> RunSettings:
     """Flat values (defaults filled in) → RunSettings; base, adapter and out must be set."""
-    flat = {**defaults(), **{k: v for k, v in values.items() if v is not None or k in ("max_kld", "max_ppl_ratio")}}
+    flat = {**defaults(), **split_lists({k: v for k, v in values.items() if v is not None or k in ("max_kld", "max_ppl_ratio")})}
     for key in ("base", "adapter", "out"):
         if not flat.get(key):
             raise QmergeError(f"--{key} is required (or set '{key}:' in the recipe)")
     sections: dict[str | None, dict] = {None: {}, "nf4": {}, "gptq": {}, "data": {}}
     for key, (section, name) in KEYS.items():
         sections[section][name] = flat[key]
-    sections["nf4"]["skip_modules"] = tuple(sections["nf4"]["skip_modules"] or ())
-    sections[None]["baselines"] = tuple(sections[None]["baselines"] or ())
+    for key in LISTS:
+        section, name = KEYS[key]
+        sections[section][name] = tuple(sections[section][name] or ())
     top = sections[None]
     top["out"] = Path(top["out"])
     try:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+REFERENCE = "reference (QLoRA as trained)"
 LIBRARIES = ("qmerge", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "optimum", "safetensors", "accelerate")
 
 
@@ -35,30 +36,46 @@ def write(report: dict, out_dir: Path) -> None:
     (out_dir / "report.md").write_text(markdown(report))
 
 
-def table(report: dict) -> str:
-    """One row per candidate against the reference: the numbers people compare."""
-    head = "| model | PPL ± SE | PPL ratio | mean KLD ± SE | KLD p99 | KLD max | top-1 agree ± SE |\n|---|---|---|---|---|---|---|\n"
+def _size(entry: dict) -> str:
+    if entry.get("size_bytes") is None:
+        return "- | -"
+    bpw = "-" if entry["bits_per_weight"] is None else f"{entry['bits_per_weight']:.3f}"
+    return f"{entry['size_bytes'] / 1e6:.1f} | {bpw}"
+
+
+def table(report: dict, index: int = 0) -> str:
+    """One row per candidate against the reference on eval set `index`: the numbers people compare.
+    With the base-without-adapter row present, each mean KLD also reads as a share of the base's,
+    i.e. of how far the fine-tune itself moved the model."""
+    evaluation = report["evaluations"][index]
+    metrics = evaluation["metrics"]
+    base = next((metrics[n] for n, c in report["candidates"].items() if c["kind"] == "base" and n in metrics), None)
+    head = (
+        "| model | size MB | bits/weight | PPL ± SE | PPL ratio | mean KLD ± SE | KLD % of fine-tune | KLD p99 | KLD max | top-1 agree ± SE |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     rows = []
-    metrics = report["metrics"]
     first = next(iter(metrics.values()), None)
     if first:
-        rows.append(f"| reference (QLoRA as trained) | {first['ppl_ref']:.4f} ± {first['ppl_ref_se']:.4f} | 1 | 0 | 0 | 0 | 100% |")
+        rows.append(f"| {report['reference']['name']} | - | - | {first['ppl_ref']:.4f} ± {first['ppl_ref_se']:.4f} | 1 | 0 | 0 | 0 | 0 | 100% |")
     for name, m in metrics.items():
+        share = f"{100 * m['kld_mean'] / base['kld_mean']:.3g}%" if base and base["kld_mean"] else "-"
         rows.append(
-            f"| {name} | {m['ppl']:.4f} ± {m['ppl_se']:.4f} | {m['ppl_ratio']:.5f} | {m['kld_mean']:.3e} ± {m['kld_mean_se']:.1e} "
-            f"| {m['kld_p99']:.3e} | {m['kld_max']:.3e} | {100 * m['top1_agreement']:.2f}% ± {100 * m['top1_agreement_se']:.2f} |"
+            f"| {name} | {_size(report['candidates'].get(name, {}))} | {m['ppl']:.4f} ± {m['ppl_se']:.4f} | {m['ppl_ratio']:.5f} "
+            f"| {m['kld_mean']:.3e} ± {m['kld_mean_se']:.1e} | {share} | {m['kld_p99']:.3e} | {m['kld_max']:.3e} "
+            f"| {100 * m['top1_agreement']:.2f}% ± {100 * m['top1_agreement_se']:.2f} |"
         )
     return head + "\n".join(rows) + "\n"
 
 
-def detail_table(report: dict) -> str:
-    """The rest of llama.cpp's statistics, per candidate."""
+def detail_table(report: dict, index: int = 0) -> str:
+    """The rest of llama.cpp's statistics, per candidate, on eval set `index`."""
     head = (
         "| model | KLD median | KLD p90 | KLD p99.9 | top-5 agree ± SE | Δp mean ± SE | Δp RMS | Δp p1 / p99 | NLL corr | bits/byte (ref) |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
-    for name, m in report["metrics"].items():
+    for name, m in report["evaluations"][index]["metrics"].items():
         bpb = f"{m['bits_per_byte']:.4f} ({m['bits_per_byte_ref']:.4f})" if "bits_per_byte" in m else "-"
         rows.append(
             f"| {name} | {m['kld_median']:.3e} | {m['kld_p90']:.3e} | {m['kld_p999']:.3e} | {100 * m['top5_agreement']:.2f}% ± {100 * m['top5_agreement_se']:.2f} "
@@ -68,35 +85,76 @@ def detail_table(report: dict) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def layer_table(report: dict, index: int = 0) -> str:
+    """Hidden-state drift per decoder layer and candidate (relative Frobenius error / mean cosine),
+    beside GPTQ's own per-module loss summed over the layer: where the error enters."""
+    layers = report["evaluations"][index]["layers"]
+    names = list(layers)
+    loss: dict[int, float] = {}
+    for row in report.get("gptq_log", []):
+        loss[row["layer"]] = loss.get(row["layer"], 0.0) + row["loss"]
+    head = "| layer | " + " | ".join(names) + " | GPTQ loss (sum over modules) |\n|---" + "|---" * (len(names) + 1) + "|\n"
+    rows = []
+    for i in range(max((len(v) for v in layers.values()), default=0)):
+        cells = [f"{layers[n][i]['rel_error']:.2e} / {layers[n][i]['cosine']:.6f}" for n in names]
+        gptq_loss = f"{loss[i]:.3e}" if i in loss else "-"
+        rows.append(f"| {i} | " + " | ".join(cells) + f" | {gptq_loss} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _evaluation_section(report: dict, index: int) -> str:
+    e = report["evaluations"][index]
+    overlap = f" **{100 * e['calibration_overlap']:.1f}% of these windows are also in the calibration set (--allow-overlap).**" if e.get("calibration_overlap") else ""
+    return f"""### Eval set `{e['eval']}`
+
+{e['windows']} windows of {e['seq_len']} tokens ({e['tokens']} scored next-token predictions, {e['scored_bytes']} bytes; token stream sha256 `{e['windows_sha256'][:16]}…`).{overlap}
+
+{table(report, index)}
+{detail_table(report, index)}"""
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     stages = "\n".join(
         f"| {name} | reused (manifest verified) | - | - |" if st.get("reused") else f"| {name} | {st['wall_s']:.1f} | {st['peak_rss_mb']:.0f} | {st.get('peak_gpu_mb') or '-'} |"
         for name, st in report["stages"].items()
     )
-    first = next(iter(report["metrics"].values()), {"tokens": 0, "windows": 0})
+    sections = "\n".join(_evaluation_section(report, i) for i in range(len(report["evaluations"])))
     return f"""# qmerge report
 
 Base `{report['inputs']['base']['path']}` + adapter `{report['inputs']['adapter']['path']}`, merged into the
 NF4 round trip of the base (the weights the adapter was trained against), then GPTQ
 {s['gptq']['bits']}-bit, group {s['gptq']['group_size']}, sym={s['gptq']['sym']}, desc_act={s['gptq']['desc_act']}.
+Final checkpoint (budgets apply to it, on the first eval set): **{report['final']}**.
 
 ## Drift against the model as trained
 
 Reference: base loaded in 4-bit by bitsandbytes ({s['nf4']['quant_type']}, double quant {s['nf4']['double_quant']},
-blocksize {s['nf4']['blocksize']}) with the adapter unmerged (PEFT). All models compute in float32.
-Eval: {first['windows']} windows of {s['data']['seq_len']} tokens from `{s['data']['eval']}` ({first['tokens']} scored
-next-token predictions: every position of each window predicted from the window's own prefix). KLD is
-KL(reference ‖ model). Standard errors are clustered by window; the PPL ratio is paired (same tokens).
+blocksize {s['nf4']['blocksize']}) with the adapter unmerged (PEFT). All models compute in float32 (each
+candidate's compute dtype is in report.json). Every position of each window is predicted from the
+window's own prefix. KLD is KL(reference ‖ model). Standard errors are clustered by window; the PPL
+ratio is paired (same tokens). "KLD % of fine-tune" is the mean KLD as a share of the base-without-adapter
+row's: how much of what the fine-tune changed the candidate's drift amounts to.
 
-{table(report)}
-{detail_table(report)}
+Size is the bytes of tensor data of the candidate's checkpoint (read from the written files, or computed
+exactly for the format of those built in memory: PEFT's 4-bit merge as bitsandbytes saves it, RTN as a
+GPTQ v1 checkpoint of the same grid). Bits/weight = 8 × bytes of the linear layers that get quantized
+(codes, scales, zero points, indices, 4-bit statistics) ÷ their weight count; none for context rows.
+
+{sections}
 Δp = p(actual next token) under the model − under the reference; bits per byte = total NLL in bits
 over the UTF-8 bytes of the scored text (tokenizer-independent).
 
 The noise-floor row is the reference itself with its 4-bit layers computing in the training
 compute dtype ({s['nf4']['compute_dtype']}): drift below it is below what the training run's own arithmetic moved.
 
+## Where the error enters (eval set `{report['evaluations'][0]['eval']}`)
+
+Hidden state after each decoder layer (the last one after the final norm, as transformers returns
+it) against the reference's on the same tokens: relative Frobenius error ‖h − h_ref‖ / ‖h_ref‖ over all
+tokens / mean per-token cosine.
+
+{layer_table(report)}
 ## Stages
 
 | stage | wall s | peak RSS MB (process so far) | peak GPU MB |

@@ -13,6 +13,10 @@ from pathlib import Path
 from qmerge.errors import QmergeError
 
 DTYPES = ("bfloat16", "float16", "float32")
+# Rows of the drift report (qmerge.drift.CANDIDATES says what each is); the noise floor is added
+# whenever the training compute dtype is not float32.
+CANDIDATE_KINDS = ("merged", "original", "peft-nf4", "rtn", "gptq", "gptq-original", "base")
+DEFAULT_CANDIDATES = tuple(k for k in CANDIDATE_KINDS if k != "gptq-original")  # a second GPTQ run only when asked
 
 
 @dataclass(frozen=True)
@@ -65,11 +69,16 @@ class DataSettings:
 
     calibration: str = "stdlib"
     calibration_samples: int = 128
-    eval: str = "stdlib"
+    eval: tuple[str, ...] = ("stdlib",)  # one report section per eval set
     eval_samples: int = 32
     seq_len: int = 512
+    allow_overlap: bool = False  # evaluate on windows GPTQ was calibrated on (the overlap is reported)
 
     def validate(self) -> None:
+        if not self.eval:
+            raise QmergeError("--eval names no eval set; give one or more sources, comma-separated (e.g. stdlib,wikitext2-local)")
+        if len(set(self.eval)) != len(self.eval):
+            raise QmergeError(f"--eval names a set twice ({','.join(self.eval)}); list each eval set once")
         if self.seq_len < 16:
             raise QmergeError(f"--seq-len {self.seq_len} is too short; use at least 16 (512 or 2048 are usual)")
         for flag, n in (("--calibration-samples", self.calibration_samples), ("--eval-samples", self.eval_samples)):
@@ -95,7 +104,7 @@ class RunSettings:
     allow_pickle: bool = False  # read .bin weights (pickle runs code: only for trusted files)
     trust_remote_code: bool = False
     skip_gptq: bool = False
-    baselines: tuple[str, ...] = ("original", "base")  # context rows in the drift report
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES  # rows of the drift report (--skip-gptq drops those on the GPTQ grid)
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
 
@@ -107,12 +116,24 @@ class RunSettings:
             raise QmergeError(f"--merged-dtype {self.merged_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise QmergeError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
-        unknown = sorted(set(self.baselines) - {"original", "base"})
+        unknown = sorted(set(self.candidates) - set(CANDIDATE_KINDS))
         if unknown:
-            raise QmergeError(f"--baselines {unknown[0]!r} is unknown; use original, base, both (original,base) or none")
+            raise QmergeError(f"--candidates {unknown[0]!r} is unknown; choose from {','.join(CANDIDATE_KINDS)}")
+        if self.final_kind not in self.candidates:
+            raise QmergeError(f"--candidates must include {self.final_kind}, the checkpoint this run delivers (budgets apply to it)")
         for flag, value in (("--max-kld", self.max_kld), ("--max-ppl-ratio", self.max_ppl_ratio)):
             if value is not None and value <= 0:
                 raise QmergeError(f"{flag} {value} must be positive")
+
+    @property
+    def final_kind(self) -> str:
+        return "merged" if self.skip_gptq else "gptq"
+
+    @property
+    def evaluated(self) -> tuple[str, ...]:
+        """The candidate kinds this run evaluates, in report order."""
+        dropped = ("gptq", "gptq-original", "rtn") if self.skip_gptq else ()
+        return tuple(k for k in CANDIDATE_KINDS if k in self.candidates and k not in dropped)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -1,0 +1,111 @@
+"""The rows of the drift report: what each candidate is, how it is built, and its size.
+
+  merged         DIR/merged: the adapter merged into the NF4 round trip of the base (qmerge)
+  original       the adapter merged into the original 16-bit base (PEFT on fp16, unsloth, LLaMA-Factory)
+  peft-nf4       PEFT merge_and_unload on the 4-bit model: the sum re-rounded to NF4
+  rtn            round-to-nearest of DIR/merged on the GPTQ run's grid (no calibration)
+  gptq           DIR/gptq: GPTQ of DIR/merged
+  gptq-original  DIR/gptq-original: GPTQ of the original-base merge (only when asked)
+  base           the base without the adapter (context: how far the fine-tune moved the model)
+  noise-floor    the reference computing in the training compute dtype (context)
+Checkpoints on disk are loaded from their stage directories; the others are built in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qmerge import drift, rtn, sizes
+from qmerge.settings import GPTQSettings, NF4Settings
+
+CONTEXT = ("base", "noise-floor")
+STAGE_DIRS = {"merged": "merged", "gptq": "gptq", "gptq-original": "gptq-original"}
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Everything the candidates of one run are built from."""
+
+    out: Path  # the run directory, holding the stage outputs
+    base_dir: Path
+    adapter_dir: Path
+    adapter: object
+    nf4: NF4Settings
+    gptq: GPTQSettings
+    merged_dtype: str
+    linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer that gets quantized
+    device: torch.device
+    trust_remote_code: bool = False
+
+
+def display_name(kind: str, gptq: GPTQSettings) -> str:
+    grid = f"{gptq.bits}-bit g{gptq.group_size}"
+    return {
+        "merged": "merged (NF4 base + adapter)",
+        "original": "merged into original 16-bit base (PEFT fp16, unsloth, LLaMA-Factory)",
+        "peft-nf4": "PEFT merge_and_unload on the 4-bit model (re-rounded to NF4)",
+        "rtn": f"rtn {grid}",
+        "gptq": f"gptq {grid}",
+        "gptq-original": f"gptq {grid} of the original-base merge",
+        "base": "base without adapter (the fine-tune's own effect)",
+        "noise-floor": drift.NOISE_FLOOR,
+    }[kind]
+
+
+def path_of(kind: str, src: Sources) -> Path | None:
+    if kind in STAGE_DIRS:
+        return src.out / STAGE_DIRS[kind]
+    return src.base_dir if kind == "base" else None
+
+
+def build(kind: str, src: Sources) -> torch.nn.Module:
+    """The model of one candidate (not the noise floor, which is the reference itself)."""
+    remote = src.trust_remote_code
+    if kind in STAGE_DIRS:
+        return drift.load_candidate(path_of(kind, src), src.device, remote)
+    if kind == "rtn":
+        return rtn.apply(drift.load_candidate(src.out / "merged", src.device, remote), set(src.linears), src.gptq)
+    if kind == "peft-nf4":
+        return drift.load_peft_nf4(src.base_dir, src.adapter_dir, src.nf4, src.device, remote)
+    return drift.load_baseline(kind, src.base_dir, src.adapter, src.device, remote, store_dtype=src.merged_dtype if kind == "original" else None)
+
+
+def compute_dtype(kind: str, src: Sources) -> str:
+    if kind == "noise-floor":
+        return src.nf4.compute_dtype
+    path = path_of(kind, src)
+    dtype = drift.candidate_dtype(path, src.device) if kind in STAGE_DIRS else torch.float32
+    return str(dtype).removeprefix("torch.")
+
+
+def layout(kind: str, model: torch.nn.Module | None, src: Sources) -> dict[str, int] | None:
+    """Bytes per tensor of the candidate's checkpoint (see qmerge.sizes); None for the noise floor."""
+    if kind in STAGE_DIRS or kind == "base":
+        return sizes.checkpoint_layout(path_of(kind, src))
+    linears = set(src.linears)
+    merged = sizes.checkpoint_layout(src.out / "merged")  # every other tensor, stored as DIR/merged stores it
+    if kind == "original":
+        return merged
+    if kind == "peft-nf4":
+        return sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
+    if kind == "rtn":
+        return sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
+    return None
+
+
+def describe(kind: str, model: torch.nn.Module | None, src: Sources) -> dict:
+    """The report's entry for one candidate."""
+    tensors = layout(kind, model, src)
+    size, bpw = sizes.summary(tensors, src.linears) if tensors is not None else (None, None)
+    path = path_of(kind, src)
+    return {
+        "kind": kind,
+        "context": kind in CONTEXT,
+        "path": str(path) if path is not None else None,
+        "compute_dtype": compute_dtype(kind, src),
+        "size_bytes": size,
+        "bits_per_weight": None if kind in CONTEXT else bpw,
+    }

@@ -61,16 +61,26 @@ def path_of(kind: str, src: Sources) -> Path | None:
     return src.base_dir if kind == "base" else None
 
 
-def build(kind: str, src: Sources) -> torch.nn.Module:
-    """The model of one candidate (not the noise floor, which is the reference itself)."""
+def build(kind: str, src: Sources) -> tuple[torch.nn.Module, dict[str, int] | None]:
+    """The model of one candidate (not the noise floor, which is the reference itself) and the bytes
+    per tensor of its checkpoint format (see qmerge.sizes)."""
     remote = src.trust_remote_code
     if kind in STAGE_DIRS:
-        return drift.load_candidate(path_of(kind, src), src.device, remote)
+        path = path_of(kind, src)
+        return drift.load_candidate(path, src.device, remote), sizes.checkpoint_layout(path)
+    if kind == "base":  # no size for a pickled base (--allow-pickle)
+        return drift.load_baseline(kind, src.base_dir, src.adapter, src.device, remote), sizes.checkpoint_layout(src.base_dir) or None
+    linears = set(src.linears)
+    merged = sizes.checkpoint_layout(src.out / "merged")  # every other tensor, stored as DIR/merged stores it
     if kind == "rtn":
-        return rtn.apply(drift.load_candidate(src.out / "merged", src.device, remote), set(src.linears), src.gptq)
+        model = rtn.apply(drift.load_candidate(src.out / "merged", src.device, remote), linears, src.gptq)
+        return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
-        return drift.load_peft_nf4(src.base_dir, src.adapter_dir, src.nf4, src.device, remote)
-    return drift.load_baseline(kind, src.base_dir, src.adapter, src.device, remote, store_dtype=src.merged_dtype if kind == "original" else None)
+        model = drift.load_peft_nf4(src.base_dir, src.adapter_dir, src.nf4, src.device, remote)
+        layout = sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
+        return drift.dequantized(model), layout
+    model = drift.load_baseline(kind, src.base_dir, src.adapter, src.device, remote, store_dtype=src.merged_dtype)
+    return model, merged  # "original": the same tensors and dtype as DIR/merged
 
 
 def compute_dtype(kind: str, src: Sources) -> str:
@@ -81,24 +91,8 @@ def compute_dtype(kind: str, src: Sources) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def layout(kind: str, model: torch.nn.Module | None, src: Sources) -> dict[str, int] | None:
-    """Bytes per tensor of the candidate's checkpoint (see qmerge.sizes); None for the noise floor."""
-    if kind in STAGE_DIRS or kind == "base":
-        return sizes.checkpoint_layout(path_of(kind, src))
-    linears = set(src.linears)
-    merged = sizes.checkpoint_layout(src.out / "merged")  # every other tensor, stored as DIR/merged stores it
-    if kind == "original":
-        return merged
-    if kind == "peft-nf4":
-        return sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
-    if kind == "rtn":
-        return sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
-    return None
-
-
-def describe(kind: str, model: torch.nn.Module | None, src: Sources) -> dict:
-    """The report's entry for one candidate."""
-    tensors = layout(kind, model, src)
+def describe(kind: str, tensors: dict[str, int] | None, src: Sources) -> dict:
+    """The report's entry for one candidate, from the bytes per tensor of its format (None: no checkpoint)."""
     size, bpw = sizes.summary(tensors, src.linears) if tensors is not None else (None, None)
     path = path_of(kind, src)
     return {

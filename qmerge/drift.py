@@ -55,6 +55,25 @@ def load_peft_nf4(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: t
     return load_reference(base_dir, adapter_dir, nf4, device, trust_remote_code).merge_and_unload().eval()
 
 
+@torch.no_grad()
+def dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """Every bitsandbytes 4-bit layer replaced by a float32 nn.Linear of its dequantized weight: the
+    same function as bitsandbytes' float32 path, without dequantizing at every forward (several times
+    faster on CPU)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device)
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.float())
+            model.set_submodule(name, linear)
+    return model
+
+
 def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
     """float32, except a quantized checkpoint on CUDA: GPTQModel picks Marlin there, which computes
     in float16 only (as servers run it)."""

@@ -208,9 +208,11 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
 
         def build_drift(tmp: Path, info: dict) -> None:
             reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
-            names = {kind: candidates.display_name(kind, settings.gptq) for kind in kinds}
-            models = {names[kind]: candidates.build(kind, src) for kind in kinds}
-            rows = {names[kind]: candidates.describe(kind, models[names[kind]], src) for kind in kinds}
+            models, rows = {}, {}
+            for kind in kinds:
+                name = candidates.display_name(kind, settings.gptq)
+                models[name], layout = candidates.build(kind, src)
+                rows[name] = candidates.describe(kind, layout, src)
             if settings.nf4.compute_dtype != "float32":
                 rows[drift.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
             evaluations = [evaluate_set(e, reference, models, settings, echo) for e in p.evaluations]

@@ -102,7 +102,7 @@ def tiny_pipeline_on_gpu(work: Path) -> None:
             record(f"tiny run (skip_gptq={skip}) FAILED", f"{type(e).__name__}: {e}"[:300])
             traceback.print_exc()
             continue
-        for name, m in rep["metrics"].items():
+        for name, m in rep["evaluations"][0]["metrics"].items():
             record(f"tiny gpu: {name} mean KLD / top1", [m["kld_mean"], m["top1_agreement"]])
         record("tiny gpu candidates", rep["candidates"])
         record("tiny gpu stages", rep["stages"])

@@ -34,7 +34,7 @@ def test_api_returns_paths_report_and_budgets(api_run):
     assert api_run.gptq == api_run.out / "gptq" and (api_run.merged / "model.safetensors").exists()
     assert api_run.budgets_ok and api_run.report["budgets"]["max_kld"]["ok"]
     summary = api_run.summary()
-    assert summary["final"]["name"] == "gptq 4-bit g32" and summary["final"]["kld_mean"] == api_run.report["metrics"]["gptq 4-bit g32"]["kld_mean"]
+    assert summary["final"]["name"] == "gptq 4-bit g32" and summary["final"]["kld_mean"] == api_run.report["evaluations"][0]["metrics"]["gptq 4-bit g32"]["kld_mean"]
 
 
 def test_model_card_and_servers(api_run):

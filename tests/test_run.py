@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_base, make_qlora_adapter, reference_model
 from qmerge import data, pipeline
-from qmerge.drift import BASELINES
+from qmerge.candidates import display_name
 from qmerge.settings import DataSettings, GPTQSettings, RunSettings
 
 SETTINGS = dict(gptq=GPTQSettings(group_size=32), data=DataSettings(calibration_samples=16, eval_samples=6, seq_len=64))
@@ -41,7 +41,7 @@ def test_layout_and_gptq_checkpoint(run_out):
         assert torch.isfinite(model(torch.randint(3, 512, (2, 16))).logits).all()
     assert len(rep["gptq_log"]) == 14 and all(r["loss"] >= 0 for r in rep["gptq_log"])
     saved = json.loads((out / "report.json").read_text())
-    assert saved["schema_version"] == 1 and set(saved["stages"]) == {"merged", "gptq", "drift"}
+    assert saved["schema_version"] == 2 and set(saved["stages"]) == {"merged", "gptq", "drift"}
     assert len(saved["inputs"]["base"]["sha256"]) == 64 and saved["versions"]["gptqmodel"].startswith("7.7")
 
 
@@ -78,12 +78,13 @@ def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny
                 "nll_correlation": torch.corrcoef(torch.stack([nll, nll_ref]))[0, 1].item(),
                 "bits_per_byte": nll.sum().item() / math.log(2) / n_bytes,
             }
-            got = rep["metrics"][name]
+            got = rep["evaluations"][0]["metrics"][name]
             for key, value in expected.items():
                 assert math.isclose(got[key], value, rel_tol=1e-4, abs_tol=1e-12), (name, key, got[key], value)
-    merged = rep["metrics"]["merged (NF4 base + adapter)"]
-    assert merged["kld_mean"] <= 1e-3 and rep["metrics"]["gptq 4-bit g32"]["kld_mean"] > merged["kld_mean"]
-    original, base = (rep["metrics"][BASELINES[k]] for k in ("original", "base"))
+    metrics = rep["evaluations"][0]["metrics"]
+    merged = metrics["merged (NF4 base + adapter)"]
+    assert merged["kld_mean"] <= 1e-3 and metrics["gptq 4-bit g32"]["kld_mean"] > merged["kld_mean"]
+    original, base = (metrics[display_name(k, SETTINGS["gptq"])] for k in ("original", "base"))
     assert original["kld_mean"] > 100 * merged["kld_mean"] and base["kld_mean"] > original["kld_mean"]
 
 

@@ -1,0 +1,244 @@
+"""The drift report on the tiny model: every candidate kind, sizes, RTN, per-layer drift, several eval
+sets, the per-window and histogram series, and the overlap rule, each checked against an independent
+recomputation or the library that defines the format."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import reference_model
+from qmerge import data, drift, pipeline, rtn
+from qmerge.candidates import display_name
+from qmerge.errors import QmergeError
+from qmerge.settings import CANDIDATE_KINDS, DataSettings, GPTQSettings, NF4Settings, RunSettings
+
+GPTQ = GPTQSettings(group_size=32)
+SEQ, EVAL_WINDOWS = 64, 6
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def other_text(tmp_path_factory) -> Path:
+    """A second eval set: the stdlib corpus' train part, disjoint from the calibration part."""
+    path = tmp_path_factory.mktemp("eval") / "other.txt"
+    path.write_text("\n\n".join(data.stdlib_part("train")[:200]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tiny_base, tiny_adapter, other_text, tmp_path_factory) -> tuple[Path, dict]:
+    """Every candidate kind (gptq-original included) on two eval sets."""
+    out = tmp_path_factory.mktemp("drift") / "out"
+    settings = RunSettings(
+        base=str(tiny_base), adapter=str(tiny_adapter), out=out, gptq=GPTQ, candidates=CANDIDATE_KINDS,
+        data=DataSettings(calibration_samples=16, eval_samples=EVAL_WINDOWS, seq_len=SEQ, eval=("stdlib", str(other_text))),
+    )
+    return out, pipeline.run(settings, echo=False)
+
+
+def name(kind: str) -> str:
+    return display_name(kind, GPTQ)
+
+
+def payload_bytes(path: Path) -> int:
+    """Tensor bytes of a safetensors file: its size minus the 8-byte length and the JSON header."""
+    with open(path, "rb") as f:
+        header = struct.unpack("<Q", f.read(8))[0]
+    return path.stat().st_size - 8 - header
+
+
+def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    config = json.loads((model_dir / "config.json").read_text())
+    h, i, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
+    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return {f"model.layers.{n}.{'self_attn' if m.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{m}": s
+            for n in range(config["num_hidden_layers"]) for m, s in shapes.items()}
+
+
+def test_every_candidate_has_a_row(run):
+    out, rep = run
+    assert rep["schema_version"] == 2 and rep["final"] == name("gptq") and rep["reference"]["kind"] == "qlora"
+    kinds = [c["kind"] for c in rep["candidates"].values()]
+    assert kinds == [*CANDIDATE_KINDS, "noise-floor"]
+    c = {row["kind"]: row for row in rep["candidates"].values()}
+    assert [k for k, row in c.items() if row["context"]] == ["base", "noise-floor"]
+    assert c["gptq-original"]["path"] == str(out / "gptq-original") and (out / "gptq-original" / "quantize_config.json").exists()
+    assert c["merged"]["path"] == str(out / "merged") and c["rtn"]["path"] is None and c["peft-nf4"]["path"] is None
+    assert c["noise-floor"]["compute_dtype"] == "bfloat16" and c["peft-nf4"]["compute_dtype"] == "float32"
+    assert set(rep["stages"]) == {"merged", "gptq", "merged-original", "gptq-original", "drift"}
+    assert len(rep["gptq_log"]) == 14 and rep["budgets"] == {}
+    for e in rep["evaluations"]:
+        assert list(e["metrics"]) == list(rep["candidates"]) == list(e["layers"])
+
+
+def test_sizes_and_bits_per_weight(run, tiny_base, tiny_adapter, tmp_path):
+    """Written checkpoints: the tensor bytes of their files; in-memory ones: what their format writes."""
+    out, rep = run
+    c = {row["kind"]: row for row in rep["candidates"].values()}
+    shapes = linear_shapes(out / "merged")
+    params = sum(r * k for r, k in shapes.values())
+    for kind, folder in (("merged", "merged"), ("gptq", "gptq"), ("gptq-original", "gptq-original")):
+        assert c[kind]["size_bytes"] == sum(payload_bytes(f) for f in (out / folder).glob("*.safetensors")), kind
+    assert c["merged"]["bits_per_weight"] == c["original"]["bits_per_weight"] == 16.0 and c["original"]["size_bytes"] == c["merged"]["size_bytes"]
+    # GPTQ v1: 4-bit codes, per group of 32 an fp16 scale and a 4-bit zero point, an int32 g_idx per input
+    gptq_bits = sum(r * k * 4 + (k // 32) * r * (16 + 4) + k * 32 for r, k in shapes.values()) / params
+    for kind in ("rtn", "gptq", "gptq-original"):
+        assert c[kind]["bits_per_weight"] == pytest.approx(gptq_bits, rel=1e-12), kind
+    assert c["rtn"]["size_bytes"] == c["gptq"]["size_bytes"]
+    # PEFT's 4-bit merge as bitsandbytes itself saves it: the same bytes for the linear layers
+    saved = tmp_path / "peft-nf4"
+    drift.load_peft_nf4(tiny_base, tiny_adapter, NF4Settings(), torch.device("cpu")).save_pretrained(saved)
+    from safetensors import safe_open
+
+    with safe_open(saved / "model.safetensors", "pt") as f:
+        linear_bytes = sum(f.get_tensor(k).nbytes for k in f.keys() if any(f".{m}." in k for m in LINEARS))
+    assert c["peft-nf4"]["bits_per_weight"] == pytest.approx(8 * linear_bytes / params, rel=1e-12)
+    assert c["peft-nf4"]["bits_per_weight"] > 4 + 8 / 64  # 4-bit codes + a uint8 absmax per block of 64, + constants
+    assert c["base"]["bits_per_weight"] is None and c["base"]["size_bytes"] == payload_bytes(tiny_base / "model.safetensors")
+
+
+def independent_rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Symmetric round-to-nearest, written out: scale = 2·max|w| / (2^bits − 1) per row and group,
+    zero point 2^(bits−1), scale stored as float16."""
+    maxq = 2**bits - 1
+    out = torch.empty_like(w)
+    for s in range(0, w.shape[1], group):
+        g = w[:, s : s + group]
+        xmax = torch.maximum(g.min(1, keepdim=True).values.abs(), g.max(1, keepdim=True).values)
+        scale = 2 * xmax / maxq
+        q = torch.clamp(torch.round(g / scale) + (maxq + 1) / 2, 0, maxq)
+        out[:, s : s + group] = scale.half().float() * (q - (maxq + 1) / 2)
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_rtn_matches_independent_rounding(run, bits):
+    out, _ = run
+    w = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).model.layers[0].mlp.down_proj.weight.detach()
+    expected = independent_rtn(w, bits, 32)
+    got = rtn.fake_quantize(w, GPTQSettings(bits=bits, group_size=32))
+    assert torch.equal(got, expected)
+    assert len(torch.unique(got[0, :32])) <= 2**bits
+
+
+def eval_windows(tiny_base: Path) -> torch.Tensor:
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    return data.token_windows(data.stdlib_part("eval"), tok, SEQ, EVAL_WINDOWS, "eval")
+
+
+def test_rtn_candidate_kld_matches_recomputation(run, tiny_base, tiny_adapter):
+    """The rtn row = DIR/merged with every linear rounded independently, against the PEFT reference (1e-4 rel)."""
+    out, rep = run
+    windows = eval_windows(tiny_base)
+    inputs = windows[:, :-1]
+    model = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        for n in linear_shapes(out / "merged"):
+            lin = model.get_submodule(n)
+            lin.weight.copy_(independent_rtn(lin.weight, 4, 32))
+        ref = torch.log_softmax(reference_model(tiny_base, tiny_adapter)(inputs).logits.double(), -1)
+        lp = torch.log_softmax(model(inputs).logits.double(), -1)
+    kld = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+    got = rep["evaluations"][0]["metrics"][name("rtn")]["kld_mean"]
+    assert math.isclose(got, kld, rel_tol=1e-4), (got, kld)
+
+
+def test_layer_drift_matches_recomputation(run, tiny_base, tiny_adapter):
+    """Per decoder layer of the merged candidate: ‖h − h_ref‖/‖h_ref‖ over all tokens and the mean
+    per-token cosine, from the models' hidden states computed here (1e-5 rel)."""
+    out, rep = run
+    inputs = eval_windows(tiny_base)[:, :-1]
+    with torch.no_grad():
+        ref = reference_model(tiny_base, tiny_adapter)(inputs, output_hidden_states=True).hidden_states
+        hid = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)(inputs, output_hidden_states=True).hidden_states
+    rows = rep["evaluations"][0]["layers"][name("merged")]
+    assert [r["layer"] for r in rows] == [0, 1]
+    for i, row in enumerate(rows):
+        r, h = ref[i + 1].double(), hid[i + 1].double()
+        rel = ((h - r).norm() / r.norm()).item()
+        cos = ((h * r).sum(-1) / (h.norm(dim=-1) * r.norm(dim=-1))).mean().item()
+        assert math.isclose(row["rel_error"], rel, rel_tol=1e-5) and math.isclose(row["cosine"], cos, rel_tol=1e-9), (row, rel, cos)
+    layers = rep["evaluations"][0]["layers"]
+    assert layers[name("gptq")][-1]["rel_error"] > 10 * rows[-1]["rel_error"]  # GPTQ moves hidden states far more than the merge
+
+
+def test_per_window_and_histogram_reproduce_the_summary(run):
+    _, rep = run
+    for e in rep["evaluations"]:
+        assert e["tokens"] == EVAL_WINDOWS * (SEQ - 1) and e["windows"] == EVAL_WINDOWS
+        for n, m in e["metrics"].items():
+            w = m["per_window"]
+            tokens = sum(w["tokens"])
+            assert tokens == m["tokens"] == sum(m["kld_hist"]["counts"]) and len(w["kld"]) == EVAL_WINDOWS, n
+            assert math.isclose(sum(w["kld"]) / tokens, m["kld_mean"], rel_tol=1e-9, abs_tol=1e-15), n
+            assert math.isclose(math.exp(sum(w["nll"]) / tokens), m["ppl"], rel_tol=1e-9), n
+            assert math.isclose(math.exp(sum(w["nll_ref"]) / tokens), m["ppl_ref"], rel_tol=1e-9), n
+            assert math.isclose(sum(w["top1_same"]) / tokens, m["top1_agreement"], rel_tol=1e-12), n
+            edges = m["kld_hist"]["edges"]
+            assert len(edges) == len(m["kld_hist"]["counts"]) + 1 and edges[0] == pytest.approx(1e-8) and edges[-1] == pytest.approx(1e2)
+
+
+def test_two_eval_sets(run, other_text):
+    _, rep = run
+    first, second = rep["evaluations"]
+    assert (first["eval"], second["eval"]) == ("stdlib", str(other_text))
+    assert first["windows_sha256"] != second["windows_sha256"] and first["calibration_overlap"] == second["calibration_overlap"] == 0.0
+    assert first["metrics"][name("merged")]["kld_mean"] != second["metrics"][name("merged")]["kld_mean"]
+    md = (Path(rep["candidates"][name("merged")]["path"]).parent / "report.md").read_text()
+    assert "### Eval set `stdlib`" in md and f"### Eval set `{other_text}`" in md and "## Where the error enters" in md
+
+
+def test_resume_reuses_every_stage(run, tiny_base, tiny_adapter, other_text):
+    out, rep = run
+    settings = RunSettings(
+        base=str(tiny_base), adapter=str(tiny_adapter), out=out, gptq=GPTQ, candidates=CANDIDATE_KINDS, resume=True,
+        data=DataSettings(calibration_samples=16, eval_samples=EVAL_WINDOWS, seq_len=SEQ, eval=("stdlib", str(other_text))),
+    )
+    again = pipeline.run(settings, echo=False)
+    assert all(st == {"reused": True} for st in again["stages"].values()) and again["evaluations"] == rep["evaluations"]
+
+
+def qmerge_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qmerge.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_overlapping_eval_set_is_refused_then_forced(tiny_base, tiny_adapter, tmp_path):
+    text = tmp_path / "same.txt"
+    text.write_text("\n\n".join(data.stdlib_part("eval")))
+    args = ["run", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--seq-len", "64", "--calibration", str(text),
+            "--calibration-samples", "4", "--eval", f"stdlib,{text}", "--eval-samples", "2", "--skip-gptq", "--candidates", "merged"]
+    refused = qmerge_cli(*args, "--out", str(tmp_path / "a"))
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert "2 of 2 windows of eval set 'stdlib' also occur in the calibration set" in lines[0] and "--allow-overlap" in lines[0]
+    assert not (tmp_path / "a").exists()
+    forced = qmerge_cli(*args, "--out", str(tmp_path / "b"), "--allow-overlap")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert [e["calibration_overlap"] for e in rep["evaluations"]] == [1.0, 1.0]
+    assert list(rep["candidates"]) == [name("merged"), drift.NOISE_FLOOR]
+    assert "also in the calibration set (--allow-overlap)" in (tmp_path / "b" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"candidates": ("merged", "fp8")}, "--candidates 'fp8' is unknown"),
+        ({"candidates": ("rtn", "merged")}, "must include gptq"),
+        ({"candidates": ("gptq",), "skip_gptq": True}, "must include merged"),
+        ({"data": DataSettings(eval=())}, "names no eval set"),
+        ({"data": DataSettings(eval=("stdlib", "stdlib"))}, "names a set twice"),
+    ],
+)
+def test_bad_candidate_and_eval_settings(changes, words, tmp_path):
+    with pytest.raises(QmergeError, match=words.replace("(", r"\(")):
+        RunSettings(base="b", adapter="a", out=tmp_path, **changes).validate()

@@ -148,7 +148,7 @@ def warn_if_other_base(adapter, base_spec: str, base_dir: Path) -> None:
 def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict:
     """The whole pipeline; returns the report (also written to DIR/report.json and DIR/report.md).
 
-    Each stage (merged/, gptq/, drift/) is committed atomically with a manifest; with
+    Each stage (merged/, gptq/, drift/; merged-original/ and gptq-original/ for --candidates gptq-original) is committed atomically with a manifest; with
     settings.resume a stage whose manifest verifies against the current inputs and settings is reused."""
     torch.manual_seed(settings.seed)
     p = prepare(settings)

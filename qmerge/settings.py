@@ -13,7 +13,7 @@ from pathlib import Path
 from qmerge.errors import QmergeError
 
 DTYPES = ("bfloat16", "float16", "float32")
-# Rows of the drift report (qmerge.drift.CANDIDATES says what each is); the noise floor is added
+# Rows of the drift report (qmerge.candidates says what each is); the noise floor is added
 # whenever the training compute dtype is not float32.
 CANDIDATE_KINDS = ("merged", "original", "peft-nf4", "rtn", "gptq", "gptq-original", "base")
 DEFAULT_CANDIDATES = tuple(k for k in CANDIDATE_KINDS if k != "gptq-original")  # a second GPTQ run only when asked

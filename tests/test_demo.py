@@ -14,8 +14,14 @@ import pytest
 SMALL = ["--calibration-samples", "32", "--eval-samples", "8", "--seq-len", "256"]
 
 
-def demo(out, *args: str) -> dict:
-    env = {**os.environ, "QMERGE_CACHE": os.environ.get("QMERGE_CACHE", str(out.parent / "cache"))}
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """$QMERGE_CACHE, or one fresh cache for both tests (the demo base and adapter are built once)."""
+    return os.environ.get("QMERGE_CACHE") or str(tmp_path_factory.mktemp("qmerge-cache"))
+
+
+def demo(out, cache: str, *args: str) -> dict:
+    env = {**os.environ, "QMERGE_CACHE": cache}
     result = subprocess.run([sys.executable, "-m", "qmerge.cli", "demo", "--out", str(out), *args], capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"GPTQ checkpoint:   {out / 'gptq'}" in result.stdout
@@ -28,8 +34,8 @@ def by_kind(rep: dict) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    rep = demo(tmp_path / "demo", *SMALL)
+def test_demo_end_to_end(tmp_path, cache):
+    rep = demo(tmp_path / "demo", cache, *SMALL)
     m = by_kind(rep)
     merged, gptq, floor, original = m["merged"], m["gptq"], m["noise-floor"], m["original"]
     assert rep["final"] == "gptq 4-bit g64" and set(m) == {"merged", "original", "peft-nf4", "rtn", "gptq", "base", "noise-floor"}
@@ -51,9 +57,9 @@ def test_demo_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_gptq_beats_rtn_at_3_bits(tmp_path):
+def test_demo_gptq_beats_rtn_at_3_bits(tmp_path, cache):
     """Only the two rows on the 3-bit grid, on fewer windows: the cheapest run that shows it."""
-    rep = demo(tmp_path / "demo3", "--bits", "3", "--candidates", "rtn,gptq", "--calibration-samples", "16", "--eval-samples", "4", "--seq-len", "256")
+    rep = demo(tmp_path / "demo3", cache, "--bits", "3", "--candidates", "rtn,gptq", "--calibration-samples", "16", "--eval-samples", "4", "--seq-len", "256")
     m = by_kind(rep)
     assert set(m) == {"rtn", "gptq", "noise-floor"} and rep["final"] == "gptq 3-bit g64"
     assert m["gptq"]["kld_mean"] < m["rtn"]["kld_mean"], (m["gptq"], m["rtn"])

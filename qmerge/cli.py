@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--verbose", action="store_true")
     push.add_argument("--json", action="store_true")
+    comp = sub.add_parser("compare", help="candidates of several reports side by side, differences against the first tested for significance")
+    comp.add_argument("reports", nargs="+", type=Path, help="report.json files (schema 2); the first is the baseline")
+    comp.add_argument("--html", type=Path, help="also write the comparison as a self-contained HTML page here")
+    comp.add_argument("--json", action="store_true", help="print the comparison as one JSON line instead of the markdown table")
+    comp.add_argument("--verbose", action="store_true")
     return parser
 
 
@@ -100,6 +105,13 @@ def _quiet_libraries() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> dict:
+    if args.command == "compare":
+        from qmerge import compare
+
+        result = compare.run(args.reports, args.html)
+        if not args.json:
+            print(compare.markdown(result))
+        return result
     from qmerge import api
 
     if args.command == "push":

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from qmerge import html
+
 SCHEMA_VERSION = 1
 LIBRARIES = ("qmerge", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "optimum", "safetensors", "accelerate")
 
@@ -33,6 +35,7 @@ def device_info(device: torch.device) -> dict:
 def write(report: dict, out_dir: Path) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(report))
+    (out_dir / "report.html").write_text(html.render(report))
 
 
 def table(report: dict) -> str:

@@ -122,7 +122,7 @@ def window_mean(sums: list[float], tokens: list[int]) -> tuple[float, float]:
 
 def markdown(result: dict) -> str:
     refs = ", ".join(f"{r['label']} = `{r['path']}`" for r in result["reports"])
-    parts = [f"# qmerge compare\n\nReports: {refs}. Differences are B − A etc. against {result['reports'][0]['label']}; {result['significance']}\n"]
+    parts = [f"# qmerge compare\n\nReports: {refs}. Differences are each report minus {result['reports'][0]['label']}; {result['significance']}\n"]
     for ev in result["evaluations"]:
         parts.append(f"## eval `{ev['eval']}`\n\n{_streams(ev)}\n\n{_table(ev)}")
     return "\n".join(parts)

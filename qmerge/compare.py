@@ -45,9 +45,18 @@ def load(path: Path) -> dict:
         raise QmergeError(f"{path}: not a qmerge report (no schema_version); pass a report.json written by qmerge run")
     if report["schema_version"] != SCHEMA_VERSION:
         raise QmergeError(f"{path}: report schema_version {report['schema_version']!r}, qmerge compare reads {SCHEMA_VERSION}; rerun qmerge run with this qmerge to get one")
-    if not isinstance(report.get("evaluations"), list) or not isinstance(report.get("candidates"), dict):
-        raise QmergeError(f"{path}: schema 2 report without evaluations/candidates (damaged?); rerun qmerge run")
+    if not _complete(report):
+        raise QmergeError(f"{path}: schema 2 report without the evaluations, candidates or metrics compare reads (damaged?); rerun qmerge run")
     return report
+
+
+def _complete(report: dict) -> bool:
+    evaluations = report.get("evaluations")
+    return (
+        isinstance(report.get("candidates"), dict) and isinstance(evaluations, list) and bool(evaluations)
+        and all(isinstance(ev, dict) and {"eval", "windows", "windows_sha256"} <= ev.keys() and isinstance(ev.get("metrics"), dict) for ev in evaluations)
+        and all(isinstance(m, dict) and set(ROW_KEYS) <= m.keys() for ev in evaluations for m in ev["metrics"].values())
+    )
 
 
 def compare(paths: list[Path]) -> dict:

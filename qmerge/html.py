@@ -38,7 +38,8 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
 def render(report: dict) -> str:
-    """The whole report page: report.md's text and tables, then the charts of each eval set."""
+    """The whole report page: report.md's text and tables, then the charts of each eval set (a part
+    the report lacks, such as layers or a GPTQ log, leaves its chart out)."""
     from qmerge import report as report_md  # report.write calls render: import at call time
 
     body = markdown_to_html(report_md.markdown(report))
@@ -73,8 +74,9 @@ def candidate_colours(report: dict) -> dict[str, str]:
 def evaluation_charts(report: dict, ev: dict, colours: dict[str, str]) -> str:
     metrics = ev.get("metrics", {})
     candidates = report.get("candidates", {})
-    what = f"eval <code>{escape(str(ev.get('eval', '?')))}</code>"
-    rows = [Row("reference (as trained)", m["ppl_ref"], m["ppl_ref_se"], REFERENCE_COLOUR) for m in list(metrics.values())[:1]]
+    what = f"eval <code>{escape(str(ev['eval']))}</code>"
+    reference = report.get("reference", {}).get("name", "reference")
+    rows = [Row(reference, m["ppl_ref"], m["ppl_ref_se"], REFERENCE_COLOUR) for m in list(metrics.values())[:1]]
     rows += [Row(name, m["ppl"], m["ppl_se"], colours[name], hollow=is_context(candidates, name)) for name, m in metrics.items()]
     parts = [
         f"<h3>{what}</h3>",

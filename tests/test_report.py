@@ -336,11 +336,15 @@ def test_compare_bad_input_exits_2(compared, tmp_path):
     other.write_text(json.dumps(other_rep))
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[1, 2]")
+    damaged = json.loads(Path(paths[1]).read_text())
+    del damaged["evaluations"][0]["metrics"]["merged"]["kld_mean_se"]
+    (tmp_path / "damaged.json").write_text(json.dumps(damaged))
     cases = {
         "no such file": [paths[0], str(tmp_path / "missing.json")],
         "not a readable JSON report": [paths[0], str(tmp_path / "bad.json")],
         "not a qmerge report": [paths[0], str(tmp_path / "list.json")],
         "schema_version 1": [paths[0], str(v1)],
+        "damaged": [paths[0], str(tmp_path / "damaged.json")],
         "shares no eval set": [paths[0], str(other)],
         "at least two": [paths[0]],
         "folder does not exist": [*paths[:2], "--html", str(tmp_path / "nowhere" / "x.html")],

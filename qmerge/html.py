@@ -24,7 +24,7 @@ STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:1em 0;font-size:13px;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
-th:first-child,td:first-child{text-align:left;white-space:normal}
+th:first-child,td:first-child{text-align:left;white-space:normal;min-width:14em}
 th{background:#f3f3f3}
 code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:90%;background:#f6f6f6}
 pre{padding:.6em;overflow-x:auto}

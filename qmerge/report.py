@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from qmerge import html
-
 SCHEMA_VERSION = 1
 LIBRARIES = ("qmerge", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "optimum", "safetensors", "accelerate")
 
@@ -33,6 +31,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def write(report: dict, out_dir: Path) -> None:
+    from qmerge import html  # html.py renders this module's markdown: imported here, not in a cycle at the top
+
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(report))
     (out_dir / "report.html").write_text(html.render(report))

@@ -179,7 +179,7 @@ def test_chart_geometry_follows_the_numbers(full_report):
 def test_html_without_optional_parts():
     """One eval set, no layers, no GPTQ log, context rows without bits per weight: the charts that can be drawn are."""
     ev, _ = evaluation("stdlib", 3, {"merged": (0.02, 1), "base (no adapter)": (1.0, 2)})
-    del ev["layers"]
+    ev["layers"] = {}
     page = html.render(make_report([ev], with_gptq_log=False))
     assert [s.get("class") for s in svgs(page)] == ["chart kld-hist", "chart pareto", "chart dots"]
 

@@ -23,7 +23,7 @@ REFERENCE_COLOUR = "#333333"
 FRONTIER_COLOUR = "#555555"
 
 STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222;line-height:1.45}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1280px;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:1em 0;font-size:13px;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left;white-space:normal;min-width:14em}
@@ -80,7 +80,7 @@ def evaluation_charts(report: dict, ev: dict, colours: dict[str, str]) -> str:
     rows += [Row(name, m["ppl"], m["ppl_se"], colours[name], hollow=is_context(candidates, name)) for name, m in metrics.items()]
     parts = [
         f"<h3>{what}</h3>",
-        figure(kld_hist_chart(metrics, colours), f"Distribution of the per-token KL divergence KL(reference ‖ model), {what}: fraction of scored tokens per log-spaced bin."),
+        figure(kld_hist_chart(metrics, colours), f"Distribution of the per-token KL divergence KL(reference ‖ model), {what}: fraction of scored tokens per log-spaced bin (the first and last bins also hold the values beyond them)."),
         figure(pareto_chart(candidates, metrics, colours), f"Weights on disk against mean KLD ± SE, {what}. Filled: deployable checkpoints, the dashed line joining those no other deployable one beats on both size and KLD (the Pareto frontier); hollow: context rows."),
         figure(dot_plot(rows, Axis.fit([v for r in rows for v in (r.value - r.se, r.value + r.se)]), "perplexity"), f"Perplexity ± SE (clustered by window), {what}. The bars share most of their uncertainty (the same tokens): the paired PPL ratio in the table is the sharper comparison."),
     ]
@@ -291,7 +291,7 @@ def _short(text: str, n: int = 32) -> str:
 
 
 def kld_hist_chart(metrics: dict, colours: dict[str, str]) -> str:
-    hists = {name: m["kld_hist"] for name, m in metrics.items() if m.get("kld_hist") and sum(m["kld_hist"]["counts"])}
+    hists = {name: m["kld_hist"] for name, m in metrics.items() if _drawable(m.get("kld_hist"))}
     if not hists:
         return ""
     fractions = {name: [c / sum(h["counts"]) for c in h["counts"]] for name, h in hists.items()}
@@ -303,6 +303,10 @@ def kld_hist_chart(metrics: dict, colours: dict[str, str]) -> str:
         plot.line(steps, colours[name], f"{name}: KLD histogram")
         plot.legend.append((name, colours[name], False, None))
     return plot.svg("kld-hist")
+
+
+def _drawable(hist: dict | None) -> bool:
+    return bool(hist) and len(hist["edges"]) == len(hist["counts"]) + 1 and sum(hist["counts"]) > 0
 
 
 def pareto_chart(candidates: dict, metrics: dict, colours: dict[str, str]) -> str:

@@ -130,7 +130,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.verbose:
+    if not args.verbose and args.command != "compare":  # compare loads no library to quiet
         _quiet_libraries()
     summary_fd = None
     if args.json:  # the summary alone on stdout: everything else, fd-level prints included, to stderr

@@ -15,8 +15,6 @@ import re
 from dataclasses import dataclass, field
 from html import escape
 
-from qmerge import report as report_md
-
 # Series colours (no greys: those are the axes and text). A candidate keeps its colour in every chart.
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#0b3d91")
 REFERENCE_COLOUR = "#333333"
@@ -42,6 +40,8 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 def render(report: dict) -> str:
     """The whole report page: report.md's text and tables, then the charts of each eval set (a part
     the report lacks, such as layers or a GPTQ log, leaves its chart out)."""
+    from qmerge import report as report_md  # here, not at the top: it imports torch, which qmerge compare does without
+
     body = markdown_to_html(report_md.markdown(report))
     colours = candidate_colours(report)
     charts = [evaluation_charts(report, ev, colours) for ev in report.get("evaluations", [])]

@@ -31,7 +31,7 @@ def device_info(device: torch.device) -> dict:
 
 
 def write(report: dict, out_dir: Path) -> None:
-    from qmerge import html  # html.py renders this module's markdown: imported here, not in a cycle at the top
+    from qmerge import html  # here, not at the top: html imports this module when it renders
 
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(report))

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--verbose", action="store_true")
     push.add_argument("--json", action="store_true")
+    comp = sub.add_parser("compare", help="candidates of several reports side by side, differences against the first tested for significance")
+    comp.add_argument("reports", nargs="+", type=Path, help="report.json files (schema 2); the first is the baseline")
+    comp.add_argument("--html", type=Path, help="also write the comparison as a self-contained HTML page here")
+    comp.add_argument("--json", action="store_true", help="print the comparison as one JSON line instead of the markdown table")
+    comp.add_argument("--verbose", action="store_true")
     return parser
 
 
@@ -104,6 +109,13 @@ def _quiet_libraries() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> dict:
+    if args.command == "compare":
+        from qmerge import compare
+
+        result = compare.run(args.reports, args.html)
+        if not args.json:
+            print(compare.markdown(result))
+        return result
     from qmerge import api
 
     if args.command == "push":
@@ -122,7 +134,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.verbose:
+    if not args.verbose and args.command != "compare":  # compare loads no library to quiet
         _quiet_libraries()
     summary_fd = None
     if args.json:  # the summary alone on stdout: everything else, fd-level prints included, to stderr

@@ -32,8 +32,11 @@ def device_info(device: torch.device) -> dict:
 
 
 def write(report: dict, out_dir: Path) -> None:
+    from qmerge import html  # here, not at the top: html imports this module when it renders
+
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(report))
+    (out_dir / "report.html").write_text(html.render(report))
 
 
 def _size(entry: dict) -> str:

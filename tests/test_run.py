@@ -29,7 +29,7 @@ def run_out(tiny_base, tiny_adapter, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_layout_and_gptq_checkpoint(run_out):
     out, rep = run_out
-    assert sorted(p.name for p in out.iterdir()) == ["drift", "gptq", "manifests", "merged", "recipe.resolved.yaml", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["drift", "gptq", "manifests", "merged", "recipe.resolved.yaml", "report.html", "report.json", "report.md"]
     assert not list(out.glob(".*"))  # no partial stage left
     qc = json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["format"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["pack_dtype"]) == (

@@ -1,0 +1,194 @@
+"""`qmerge compare A/report.json B/report.json …`: the candidates of several runs side by side, per
+eval set, with each difference against the first report tested for significance.
+
+Two runs scored on the same token stream (equal windows_sha256) are compared **paired**: the
+difference is taken window by window from the reports' per-window sums, and its standard error is
+clustered over windows, exactly as the metrics themselves are. That cancels what both runs share
+(hard windows are hard for both) and detects far smaller differences than comparing two means whose
+SEs are combined in quadrature, which is the **unpaired** test used when the token streams differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from qmerge import html
+from qmerge.errors import QmergeError
+
+SCHEMA_VERSION = 2
+Z_CRITICAL = 1.96  # two-sided 5%
+SIGNIFICANCE = (
+    f"significant (marked *) means |z| > {Z_CRITICAL} (two-sided 5% level; no correction for the number of "
+    "comparisons). Paired: same token stream (equal windows_sha256), the difference taken per window and "
+    "its SE clustered over windows. Unpaired: different token streams, SE = √(SE_A² + SE_B²)."
+)
+ROW_KEYS = ("kld_mean", "kld_mean_se", "ppl_ratio", "ln_ppl_ratio", "ln_ppl_ratio_se", "top1_agreement", "top1_agreement_se")
+# metric: (mean key, SE key, per-window sums of it, how to print a difference)
+STATS = {
+    "kld_mean": ("kld_mean", "kld_mean_se", lambda w: w["kld"], lambda d: f"{d:+.2e}"),
+    "ln_ppl_ratio": ("ln_ppl_ratio", "ln_ppl_ratio_se", lambda w: [a - b for a, b in zip(w["nll"], w["nll_ref"])], lambda d: f"{d:+.2e}"),
+    "top1_agreement": ("top1_agreement", "top1_agreement_se", lambda w: w["top1_same"], lambda d: f"{100 * d:+.2f} pp"),
+}
+
+
+def load(path: Path) -> dict:
+    """A report.json of schema 2, or a one-line QmergeError saying what is wrong with it."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise QmergeError(f"{path}: no such file; pass the report.json files that qmerge run wrote") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QmergeError(f"{path}: not a readable JSON report ({e}); pass a report.json written by qmerge run") from None
+    if not isinstance(report, dict) or "schema_version" not in report:
+        raise QmergeError(f"{path}: not a qmerge report (no schema_version); pass a report.json written by qmerge run")
+    if report["schema_version"] != SCHEMA_VERSION:
+        raise QmergeError(f"{path}: report schema_version {report['schema_version']!r}, qmerge compare reads {SCHEMA_VERSION}; rerun qmerge run with this qmerge to get one")
+    if not _complete(report):
+        raise QmergeError(f"{path}: schema 2 report without the evaluations, candidates or metrics compare reads (damaged?); rerun qmerge run")
+    return report
+
+
+def _complete(report: dict) -> bool:
+    evaluations = report.get("evaluations")
+    return (
+        isinstance(report.get("candidates"), dict) and isinstance(evaluations, list) and bool(evaluations)
+        and all(isinstance(ev, dict) and {"eval", "windows", "windows_sha256"} <= ev.keys() and isinstance(ev.get("metrics"), dict) for ev in evaluations)
+        and all(isinstance(m, dict) and set(ROW_KEYS) <= m.keys() for ev in evaluations for m in ev["metrics"].values())
+    )
+
+
+def compare(paths: list[Path]) -> dict:
+    """Every candidate of every report, per eval set of the first report, with differences against it."""
+    if len(paths) < 2:
+        raise QmergeError("qmerge compare needs at least two report.json files (the first is the baseline)")
+    reports = [load(p) for p in paths]
+    labels = [chr(ord("A") + i) if i < 26 else f"R{i + 1}" for i in range(len(paths))]
+    evals = [ev["eval"] for ev in reports[0]["evaluations"]]
+    for path, rep in zip(paths[1:], reports[1:]):
+        if not {ev["eval"] for ev in rep["evaluations"]} & set(evals):
+            raise QmergeError(f"{path} shares no eval set with {paths[0]} (eval sets: {', '.join(map(str, evals))}); rerun it with --eval on the same text")
+    return {
+        "significance": SIGNIFICANCE,
+        "z_critical": Z_CRITICAL,
+        "reports": [{"label": label, "path": str(path)} for label, path in zip(labels, paths)],
+        "evaluations": [compare_eval(name, reports, labels) for name in evals],
+    }
+
+
+def compare_eval(name: str, reports: list[dict], labels: list[str]) -> dict:
+    evs = {label: next((ev for ev in rep["evaluations"] if ev["eval"] == name), None) for label, rep in zip(labels, reports)}
+    base = evs[labels[0]]
+    names = list(dict.fromkeys(n for ev in evs.values() if ev for n in ev["metrics"]))
+    rows = []
+    for cand in names:
+        for label, rep in zip(labels, reports):
+            ev = evs[label]
+            if ev is None or cand not in ev["metrics"]:
+                continue
+            m = ev["metrics"][cand]
+            row = {"candidate": cand, "report": label, "size_bytes": rep["candidates"].get(cand, {}).get("size_bytes"), **{k: m[k] for k in ROW_KEYS}}
+            if label != labels[0] and cand in base["metrics"]:
+                row["vs"] = difference(base, ev, cand)
+            rows.append(row)
+    streams = {label: (ev["windows_sha256"] == base["windows_sha256"]) if ev else None for label, ev in evs.items()}
+    return {"eval": name, "same_token_stream": streams, "windows": {label: ev and ev["windows"] for label, ev in evs.items()}, "rows": rows}
+
+
+def difference(a_ev: dict, b_ev: dict, cand: str) -> dict:
+    """B − A for one candidate: paired on windows when the token streams are the same, else unpaired."""
+    a, b = a_ev["metrics"][cand], b_ev["metrics"][cand]
+    paired = a_ev["windows_sha256"] == b_ev["windows_sha256"] and _same_windows(a, b)
+    out = {"test": "paired" if paired else "unpaired"}
+    for stat, (mean, se, sums, _) in STATS.items():
+        if paired:
+            diff = [y - x for x, y in zip(sums(a["per_window"]), sums(b["per_window"]))]
+            d, d_se = window_mean(diff, a["per_window"]["tokens"])
+        else:
+            d, d_se = b[mean] - a[mean], math.hypot(a[se], b[se])
+        z = d / d_se if d_se > 0 else None
+        out[stat] = {"diff": d, "se": d_se, "z": z, "significant": z is not None and abs(z) > Z_CRITICAL}
+    return out
+
+
+def _same_windows(a: dict, b: dict) -> bool:
+    return "per_window" in a and "per_window" in b and a["per_window"]["tokens"] == b["per_window"]["tokens"]
+
+
+def window_mean(sums: list[float], tokens: list[int]) -> tuple[float, float]:
+    """Mean per token of per-window sums, with its SE clustered by window (CR1, as metrics.clustered_mean):
+    SE² = G/(G−1) · Σ_g (S_g − m·n_g)² / N²."""
+    n, g = sum(tokens), len(tokens)
+    m = sum(sums) / n
+    if g < 2:
+        return m, float("nan")
+    return m, math.sqrt(g / (g - 1) * sum((s - m * t) ** 2 for s, t in zip(sums, tokens))) / n
+
+
+# ----- output ---------------------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+    refs = ", ".join(f"{r['label']} = `{r['path']}`" for r in result["reports"])
+    parts = [f"# qmerge compare\n\nReports: {refs}. Differences are each report minus {result['reports'][0]['label']}; {result['significance']}\n"]
+    for ev in result["evaluations"]:
+        parts.append(f"## eval `{ev['eval']}`\n\n{_streams(ev)}\n\n{_table(ev)}")
+    return "\n".join(parts)
+
+
+def _streams(ev: dict) -> str:
+    first, *others = ev["same_token_stream"]
+    said = [f"{first}: {ev['windows'][first]} windows"]
+    for label in others:
+        same = ev["same_token_stream"][label]
+        said.append(f"{label}: " + ("not in this report" if same is None else "the same token stream as " + first if same else "a different token stream (unpaired tests)"))
+    return "; ".join(said) + "."
+
+
+def _table(ev: dict) -> str:
+    head = (
+        "| candidate | report | size MB | mean KLD ± SE | PPL ratio | top-1 agree ± SE | Δ mean KLD (z) | Δ ln PPL ratio (z) | Δ top-1 (z) | test |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in ev["rows"]:
+        size = f"{r['size_bytes'] / 1e6:.1f}" if r["size_bytes"] else "-"
+        vs = r.get("vs")
+        deltas = " | ".join(_delta(vs[stat], fmt) if vs else "-" for stat, (_, _, _, fmt) in STATS.items())
+        rows.append(
+            f"| {_cell(r['candidate'])} | {r['report']} | {size} | {r['kld_mean']:.3e} ± {r['kld_mean_se']:.1e} | {r['ppl_ratio']:.5f} "
+            f"| {100 * r['top1_agreement']:.2f}% ± {100 * r['top1_agreement_se']:.2f} | {deltas} | {vs['test'] if vs else '-'} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def _delta(d: dict, fmt) -> str:
+    z = "n/a" if d["z"] is None else f"{d['z']:+.1f}"
+    return f"{fmt(d['diff'])} ({z})" + (" *" if d["significant"] else "")
+
+
+def _cell(text: str) -> str:
+    """A name inside a markdown table cell: a '|' would end the cell."""
+    return text.replace("|", "\\|")
+
+
+def html_page(result: dict) -> str:
+    """The markdown as HTML, plus mean KLD ± SE of every candidate in every report, per eval set."""
+    charts = []
+    for ev in result["evaluations"]:
+        colours = {r["label"]: html.PALETTE[i % len(html.PALETTE)] for i, r in enumerate(result["reports"])}
+        rows = [html.Row(f"{r['candidate']} — {r['report']}", r["kld_mean"], r["kld_mean_se"], colours[r["report"]]) for r in ev["rows"]]
+        axis = html.Axis.fit([v for r in rows for v in (r.value - r.se, r.value + r.se)], log=True)
+        charts.append(html.figure(html.dot_plot(rows, axis, "mean KLD ± SE (log scale)"), f"Mean KLD ± SE per candidate and report, eval <code>{html.escape(str(ev['eval']))}</code>."))
+    return html.page("qmerge compare", html.markdown_to_html(markdown(result)) + "\n" + "\n".join(charts))
+
+
+def run(paths: list[Path], html_out: Path | None) -> dict:
+    """Compare, and write the HTML page when asked (its folder checked before any work)."""
+    if html_out is not None and not Path(html_out).resolve().parent.is_dir():
+        raise QmergeError(f"--html {html_out}: its folder does not exist; create it or write the page elsewhere")
+    result = compare(paths)
+    if html_out is not None:
+        Path(html_out).write_text(html_page(result))
+    return result

@@ -18,6 +18,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from qmerge.adapter import Mix, peft_model
+from qmerge.edits import apply_to_model
 from qmerge.metrics import log_probs, summarize, token_stats
 from qmerge.nf4 import bnb_config, torch_dtype
 from qmerge.settings import NF4Settings
@@ -25,10 +27,8 @@ from qmerge.settings import NF4Settings
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
 
 
-def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
-    """Base quantized by bitsandbytes at load + the adapter, unmerged: the model as trained."""
-    from peft import PeftModel
-
+def load_reference(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
+    """Base quantized by bitsandbytes at load + the adapters, unmerged: the model as trained."""
     import bitsandbytes as bnb
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -40,7 +40,7 @@ def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: 
             # On CPUs with AVX512-BF16, bitsandbytes repacks the weight at the first forward and then
             # computes in bf16 whatever compute_dtype says; keep the float32 path the metrics assume.
             module.support_avx512bf16_for_cpu = False
-    return PeftModel.from_pretrained(model, adapter_dir).eval()
+    return peft_model(model, mix).eval()
 
 
 def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
@@ -62,15 +62,12 @@ BASELINES = {
 }
 
 
-def load_baseline(kind: str, base_dir: Path, adapter, device: torch.device, trust_remote_code: bool = False):
+def load_baseline(kind: str, base_dir: Path, mix: Mix, device: torch.device, trust_remote_code: bool = False):
     """Context rows, built in memory: "original" adds the adapter to the original 16-bit weights (what
     most merge tools do); "base" is the base model without the adapter."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code)
     if kind == "original":
-        state = model.state_dict()  # shares storage with the parameters
-        with torch.no_grad():
-            for key, module in adapter.modules.items():
-                state[key] += module.delta(device)
+        apply_to_model(model, mix, device)
     return model.eval()
 
 

@@ -21,8 +21,9 @@ import torch
 from transformers import AutoTokenizer
 
 from qmerge import __version__, card, data, drift, recipe, report
-from qmerge.adapter import check_fits, load_adapter
+from qmerge.adapter import Mix, load_mix
 from qmerge.checkpoint import LazyCheckpoint
+from qmerge.edits import build_edits
 from qmerge.errors import QmergeError
 from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
@@ -74,8 +75,7 @@ class Prepared:
     """Everything validated before the first heavy stage."""
 
     base_dir: Path
-    adapter_dir: Path
-    adapter: object
+    mix: Mix  # the adapters with their weights
     device: torch.device
     calibration: torch.Tensor
     evaluation: torch.Tensor
@@ -89,25 +89,25 @@ def prepare(settings: RunSettings) -> Prepared:
     check_out(Path(settings.out), settings.overwrite, settings.resume)
     device = pick_device(settings.device)
     base_dir = resolve(settings.base, "base")
-    adapter_dir = resolve(settings.adapter, "adapter")
     remote = settings.trust_remote_code
     config = load_base_config(base_dir, remote)
-    adapter = load_adapter(adapter_dir, settings.allow_pickle)
+    mix = load_mix(settings.adapter, settings.allow_pickle)
     base = LazyCheckpoint.open(base_dir, settings.allow_pickle)
-    check_fits(adapter, base)
+    build_edits(mix, config, base, remote)
     shapes = {n: base.shape(f"{n}.weight") for n in quantized_linear_names(config, settings.nf4, remote)}
     in_features = {shape[1] for shape in shapes.values()}
     if not settings.skip_gptq:
         check_group_size(shapes, settings.gptq)
         check_target(settings.gptq, in_features)
-    check_vocabulary(adapter_dir, config, remote)
-    warn_if_other_base(adapter, settings.base, base_dir)
+    for part in mix:
+        check_vocabulary(part.adapter.directory, config, remote)
+        warn_if_other_base(part.adapter, settings.base, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote)
     d = settings.data
     calibration = data.windows(d.calibration, "calibration", tokenizer, d.seq_len, d.calibration_samples)
     evaluation = data.windows(d.eval, "eval", tokenizer, d.seq_len, d.eval_samples)
     data.check_disjoint(calibration, evaluation)
-    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation, data.scored_bytes(evaluation, tokenizer), in_features)
+    return Prepared(base_dir, mix, device, calibration, evaluation, data.scored_bytes(evaluation, tokenizer), in_features)
 
 
 def check_vocabulary(adapter_dir: Path, config, trust_remote_code: bool) -> None:
@@ -142,7 +142,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     store = StageStore(out)
     store.clean_partials()
     stages = Stages(p.device)
-    base_sha, adapter_sha = tree_sha256(p.base_dir), tree_sha256(p.adapter_dir)
+    base_sha, adapter_inputs = tree_sha256(p.base_dir), adapter_report(settings.adapter, p.mix)
+    adapter_sha = adapter_inputs["sha256"]
     common = {"qmerge": __version__, "device": p.device.type, "nf4": asdict(settings.nf4)}
 
     def stage(name: str, parts: dict, build) -> str:
@@ -165,7 +166,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     try:
         def build_merged(tmp: Path, info: dict) -> None:
             result = merge(
-                p.base_dir, p.adapter, tmp, settings.nf4, settings.merged_dtype, p.device,
+                p.base_dir, p.mix, tmp, settings.nf4, settings.merged_dtype, p.device,
                 show_progress=echo, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
             )
             info.update(asdict(result))
@@ -178,10 +179,10 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             gptq_key = stage("gptq", parts, lambda tmp, info: quantize(out / "merged", tmp, p.calibration, settings.gptq, p.device, verbose, settings.trust_remote_code))
             candidates[f"gptq {settings.gptq.bits}-bit g{settings.gptq.group_size}"] = out / "gptq"
         def build_drift(tmp: Path, info: dict) -> None:
-            reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
+            reference = drift.load_reference(p.base_dir, p.mix, settings.nf4, p.device, settings.trust_remote_code)
             models = {name: drift.load_candidate(path, p.device, settings.trust_remote_code) for name, path in candidates.items()}
             for kind in settings.baselines:
-                models[drift.BASELINES[kind]] = drift.load_baseline(kind, p.base_dir, p.adapter, p.device, settings.trust_remote_code)
+                models[drift.BASELINES[kind]] = drift.load_baseline(kind, p.base_dir, p.mix, p.device, settings.trust_remote_code)
             metrics = drift.evaluate(reference, models, p.evaluation, settings.nf4.compute_dtype, show_progress=echo, scored_bytes=p.eval_bytes)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
@@ -195,7 +196,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         "schema_version": report.SCHEMA_VERSION,
         "inputs": {
             "base": {"spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": base_sha},
-            "adapter": {"spec": settings.adapter, "path": str(p.adapter_dir), "sha256": adapter_sha},
+            "adapter": adapter_inputs,
             "calibration_windows": len(p.calibration),
             "eval_windows": len(p.evaluation),
         },
@@ -222,6 +223,20 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             print(f"[qmerge] GPTQ checkpoint:   {out / 'gptq'}")
         print(f"[qmerge] report:            {out / 'report.md'} (and report.json)")
     return rep
+
+
+def adapter_report(specs: tuple[str, ...], mix: Mix) -> dict:
+    """The adapter inputs for the report and stage keys: one adapter as {spec, path, sha256}; a mix as
+    the same keys over all of it (sha256 of the parts' hashes and weights) plus each part."""
+    parts = [{"spec": spec, "path": str(part.adapter.directory), "weight": part.weight, "sha256": tree_sha256(part.adapter.directory)} for spec, part in zip(specs, mix)]
+    if len(parts) == 1 and parts[0]["weight"] == 1:
+        return {key: parts[0][key] for key in ("spec", "path", "sha256")}
+    return {
+        "spec": " + ".join(specs),
+        "path": " + ".join(f"{part['path']}:{part['weight']:g}" for part in parts),
+        "sha256": key_of(adapters=[(part["sha256"], part["weight"]) for part in parts]),
+        "parts": parts,
+    }
 
 
 def budgets(settings: RunSettings, final: dict) -> dict:

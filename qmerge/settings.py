@@ -82,7 +82,7 @@ class RunSettings:
     """One `qmerge run`: inputs, output directory and the settings of every stage."""
 
     base: str
-    adapter: str
+    adapter: tuple[str, ...]  # DIR_OR_HUB_ID[:WEIGHT] each; several are merged as Σ weight·Δ
     out: Path
     nf4: NF4Settings = field(default_factory=NF4Settings)
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
@@ -98,6 +98,10 @@ class RunSettings:
     baselines: tuple[str, ...] = ("original", "base")  # context rows in the drift report
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        # one adapter string (the API, recipes, older callers) or a list (recipes, repeated --adapter)
+        object.__setattr__(self, "adapter", (self.adapter,) if isinstance(self.adapter, str) else tuple(self.adapter))
 
     def validate(self) -> None:
         self.nf4.validate()

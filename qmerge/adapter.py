@@ -175,8 +175,10 @@ def _edits(config: dict, tensors: dict[str, torch.Tensor], path: Path) -> dict[s
     lora: defaultdict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     found: defaultdict[str, list[Edit]] = defaultdict(list)
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise QmergeError(f"{path.parent}: {key} holds NaN, Inf or non-float values; the training run diverged or the file is damaged, use an earlier checkpoint")
+        if not tensor.is_floating_point():
+            raise QmergeError(f"{path.parent}: {key} is not a float tensor; the adapter file is damaged, re-save it")
+        if not torch.isfinite(tensor).all():
+            raise QmergeError(f"{path.parent}: {key} holds NaN or Inf; the training run diverged, use an earlier checkpoint")
         name = key.removeprefix(PREFIX)
         suffix = next((s for s in _LORA if name.endswith(s)), None)
         if suffix is not None:

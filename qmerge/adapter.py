@@ -54,10 +54,6 @@ class Adapter:
     def base_model_name(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
-    def count(self, kind: type) -> int:
-        """How many base tensors receive an edit of this kind."""
-        return sum(any(isinstance(e, kind) for e in edits) for edits in self.edits.values())
-
     @property
     def linear(self) -> bool:
         """True when the adapter only adds deltas (LoRA and lora_bias: no DoRA, replaced tensors or token

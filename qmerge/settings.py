@@ -107,6 +107,8 @@ class RunSettings:
         self.nf4.validate()
         self.gptq.validate()
         self.data.validate()
+        if not self.adapter:
+            raise QmergeError("--adapter is required (or set 'adapter:' in the recipe)")
         if self.merged_dtype not in DTYPES:
             raise QmergeError(f"--merged-dtype {self.merged_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -31,4 +31,4 @@ def test_demo_end_to_end(tmp_path):
     # merging into the original 16-bit weights drifts far more than the NF4 merge (the point of qmerge)
     original = next(v for k, v in rep["metrics"].items() if k.startswith("merged into original"))
     assert original["kld_mean"] > 10 * merged["kld_mean"], (original, merged)
-    assert rep["merge"] == {"nf4_modules": 210, "lora_modules": 210, "tensors": 272}
+    assert rep["merge"] == {"nf4_modules": 210, "lora_modules": 210, "tensors": 272, "untied_embeddings": False}

@@ -9,15 +9,15 @@ config gets tie_word_embeddings false, and MergeResult records it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from qmerge.adapter import Mix, check_fits
+from qmerge.adapter import Adapter, Mix, check_fits
 from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
-from qmerge.lora import F32, Edit, TokenRows
+from qmerge.lora import F32, Edit, Replace, TokenRows
 
 
 @dataclass(frozen=True)
@@ -91,21 +91,41 @@ class Edits:
 
 def build_edits(mix: Mix, config, base: LazyCheckpoint, trust_remote_code: bool = False) -> Edits:
     """Edits for a merge into `base`, validated first: every adapter fits the base, and only adapters
-    that add deltas are weighted or mixed (DoRA's norm, replaced tensors and token rows are not linear)."""
+    that add deltas are weighted or mixed (DoRA's norm, replaced tensors and token rows are not linear).
+    The returned Edits' mix is the one to merge and to build baselines from (saved copies of base
+    tensors dropped)."""
     with torch.device("meta"):
         tie = tie_of(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
     aliases = {tie.output_key: tie.input_key} if tie is not None and tie.output_key not in base.keys() else {}
+    mix = tuple(replace(part, adapter=_without_copies(part.adapter, base, aliases)) for part in mix)
     for part in mix:
         adapter = part.adapter
         check_fits(adapter, base, aliases)
         if (len(mix) > 1 or part.weight != 1) and not adapter.linear:
             raise QmergeError(
-                f"{adapter.directory} uses DoRA, modules_to_save, saved embedding layers or trainable tokens, which are not a linear "
+                f"{adapter.directory} uses DoRA, modules_to_save or trainable tokens, which are not a linear "
                 "combination of deltas; merge it alone with weight 1"
             )
         if tie is not None and adapter.config.get("ensure_weight_tying") and {tie.input_key, tie.output_key} & set(adapter.edits):
             raise QmergeError(f"{adapter.directory}: ensure_weight_tying on tied embeddings is not supported by this qmerge release; train without it or merge with PEFT")
     return Edits(mix, tie)
+
+
+def _without_copies(adapter: Adapter, base: LazyCheckpoint, aliases: dict[str, str]) -> Adapter:
+    """PEFT saves an embedding layer it puts LoRA on whole (`base_layer.weight`), in case the vocabulary
+    was resized; a copy equal to the base's tensor changes nothing, and dropping it lets such adapters
+    be weighted and mixed."""
+    keys = set(base.keys())
+
+    def copy_of_base(key: str, edit: Edit) -> bool:
+        stored = aliases.get(key, key)
+        return (
+            isinstance(edit, Replace) and stored in keys and edit.misfit(base.shape(stored)) is None
+            and torch.equal(edit.tensor.float(), base.get(stored).float())
+        )
+
+    edits = {key: tuple(e for e in es if not copy_of_base(key, e)) for key, es in adapter.edits.items()}
+    return replace(adapter, edits={key: es for key, es in edits.items() if es})
 
 
 @torch.no_grad()

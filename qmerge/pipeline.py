@@ -93,7 +93,7 @@ def prepare(settings: RunSettings) -> Prepared:
     config = load_base_config(base_dir, remote)
     mix = load_mix(settings.adapter, settings.allow_pickle)
     base = LazyCheckpoint.open(base_dir, settings.allow_pickle)
-    build_edits(mix, config, base, remote)
+    mix = build_edits(mix, config, base, remote).mix
     shapes = {n: base.shape(f"{n}.weight") for n in quantized_linear_names(config, settings.nf4, remote)}
     in_features = {shape[1] for shape in shapes.values()}
     if not settings.skip_gptq:

@@ -176,11 +176,13 @@ def test_tied_embeddings(variant, tied_base, tmp_path, tokens):
 def test_weighted_mix_matches_peft_weighted_adapter(tiny_base, tmp_path, tokens):
     """--adapter A:0.7 --adapter B:0.3 is 0.7·ΔA + 0.3·ΔB: checked against PEFT's add_weighted_adapter
     (combination_type="cat", exact for a linear combination), and qmerge's drift reference (both
-    adapters active, scalings weighted) against the same oracle."""
+    adapters active, scalings weighted) against the same oracle. B has LoRA on the embeddings and
+    lm_head, whose unchanged copies PEFT saves with it."""
     from qmerge.drift import load_reference
 
     a = make_qlora_adapter(tiny_base, tmp_path / "a", target_modules=["q_proj", "v_proj"], seed=1)
-    b = make_qlora_adapter(tiny_base, tmp_path / "b", use_rslora=True, r=4, seed=2)
+    b = make_qlora_adapter(tiny_base, tmp_path / "b", target_modules=["q_proj", "k_proj", "embed_tokens", "lm_head"], use_rslora=True, r=4, seed=2)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in LazyCheckpoint.file(b / "adapter_model.safetensors").keys()
     oracle = reference_model(tiny_base, a)
     oracle.load_adapter(b, adapter_name="b")
     oracle.add_weighted_adapter(["default", "b"], [0.7, 0.3], "mix", combination_type="cat")

@@ -56,7 +56,7 @@ class RunResult:
         }
 
 
-def run(base: str | None = None, adapter: str | None = None, out: str | Path | None = None, *, recipe_file: str | Path | None = None,
+def run(base: str | None = None, adapter: str | list[str] | None = None, out: str | Path | None = None, *, recipe_file: str | Path | None = None,
         overwrite: bool = False, resume: bool = False, verbose: bool = False, progress: bool = False, **settings) -> RunResult:
     """NF4 base → merge → GPTQ → drift → report; `settings` override the recipe, which overrides defaults."""
     values = recipe.load(Path(recipe_file)) if recipe_file else {}

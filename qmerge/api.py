@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmerge import data, drift, pipeline, recipe
-from qmerge.adapter import load_adapter
+from qmerge.adapter import load_mix
 from qmerge.inputs import resolve
 from qmerge.merge import merge
 from qmerge.quantize import quantize
@@ -56,7 +56,7 @@ class RunResult:
         }
 
 
-def run(base: str | None = None, adapter: str | None = None, out: str | Path | None = None, *, recipe_file: str | Path | None = None,
+def run(base: str | None = None, adapter: str | list[str] | None = None, out: str | Path | None = None, *, recipe_file: str | Path | None = None,
         overwrite: bool = False, resume: bool = False, verbose: bool = False, progress: bool = False, **settings) -> RunResult:
     """NF4 base → merge → GPTQ → drift → report; `settings` override the recipe, which overrides defaults."""
     values = recipe.load(Path(recipe_file)) if recipe_file else {}
@@ -70,17 +70,18 @@ def run(base: str | None = None, adapter: str | None = None, out: str | Path | N
     return RunResult(Path(resolved.out).resolve(), report)
 
 
-def merge_adapter(base: str, adapter: str, out: str | Path, *, into: str = "nf4", dtype: str = "bfloat16", device: str = "auto",
+def merge_adapter(base: str, adapter: str | list[str], out: str | Path, *, into: str = "nf4", dtype: str = "bfloat16", device: str = "auto",
           nf4: NF4Settings | None = None, overwrite: bool = False) -> Path:
     """Write base + adapter merged into the NF4 round trip (into="nf4", the weights as trained) or the
-    original 16-bit weights (into="original") as a plain HF checkpoint at `out`."""
+    original 16-bit weights (into="original") as a plain HF checkpoint at `out`. `adapter` is one
+    "DIR_OR_HUB_ID[:WEIGHT]" or a list of them, merged as Σ weight·Δ."""
     if into not in ("nf4", "original"):
         raise QmergeError(f"into={into!r}; use 'nf4' (the weights as trained) or 'original'")
     out = Path(out).resolve()
     pipeline.check_out(out, overwrite)
     work = staged(out)
     try:
-        merge(resolve(base, "base"), load_adapter(resolve(adapter, "adapter")), work, nf4 or NF4Settings(), dtype, pipeline.pick_device(device), into, show_progress=False)
+        merge(resolve(base, "base"), load_mix(_specs(adapter)), work, nf4 or NF4Settings(), dtype, pipeline.pick_device(device), into, show_progress=False)
         replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -115,19 +116,23 @@ def gptq_quantize(merged: str | Path, out: str | Path, *, calibration: str = "st
     return QuantizeResult(out, log)
 
 
-def evaluate(base: str, adapter: str, candidates: dict[str, str | Path], *, eval: str = "stdlib", eval_samples: int = 32, seq_len: int = 512,
+def evaluate(base: str, adapter: str | list[str], candidates: dict[str, str | Path], *, eval: str = "stdlib", eval_samples: int = 32, seq_len: int = 512,
              nf4: NF4Settings | None = None, device: str = "auto") -> dict[str, dict]:
     """Metrics of each candidate checkpoint against the unmerged QLoRA model as trained."""
     from transformers import AutoTokenizer
 
     nf4 = nf4 or NF4Settings()
-    base_dir, adapter_dir, dev = resolve(base, "base"), resolve(adapter, "adapter"), pipeline.pick_device(device)
+    base_dir, mix, dev = resolve(base, "base"), load_mix(_specs(adapter)), pipeline.pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     windows = data.windows(eval, "eval", tokenizer, seq_len, eval_samples)
-    reference = drift.load_reference(base_dir, adapter_dir, nf4, dev)
+    reference = drift.load_reference(base_dir, mix, nf4, dev)
     models = {name: drift.load_candidate(Path(path), dev) for name, path in candidates.items()}
     result = drift.evaluate(reference, models, windows, nf4.compute_dtype, show_progress=False, scored_bytes=data.scored_bytes(windows, tokenizer))
     return result["metrics"]
+
+
+def _specs(adapter: str | list[str]) -> tuple[str, ...]:
+    return (adapter,) if isinstance(adapter, str) else tuple(adapter)
 
 
 def push(directory: str | Path, repo_id: str, *, private: bool = False) -> str:

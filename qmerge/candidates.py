@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from qmerge import drift, rtn, sizes
+from qmerge.adapter import Mix
 from qmerge.settings import GPTQSettings, NF4Settings
 
 CONTEXT = ("base", "noise-floor")
@@ -31,8 +32,7 @@ class Sources:
 
     out: Path  # the run directory, holding the stage outputs
     base_dir: Path
-    adapter_dir: Path
-    adapter: object
+    mix: Mix  # the adapters with their weights
     nf4: NF4Settings
     gptq: GPTQSettings
     merged_dtype: str
@@ -69,17 +69,17 @@ def build(kind: str, src: Sources) -> tuple[torch.nn.Module, dict[str, int] | No
         path = path_of(kind, src)
         return drift.load_candidate(path, src.device, remote), sizes.checkpoint_layout(path)
     if kind == "base":  # no size for a pickled base (--allow-pickle)
-        return drift.load_baseline(kind, src.base_dir, src.adapter, src.device, remote), sizes.checkpoint_layout(src.base_dir) or None
+        return drift.load_baseline(kind, src.base_dir, src.mix, src.device, remote), sizes.checkpoint_layout(src.base_dir) or None
     linears = set(src.linears)
     merged = sizes.checkpoint_layout(src.out / "merged")  # every other tensor, stored as DIR/merged stores it
     if kind == "rtn":
         model = rtn.apply(drift.load_candidate(src.out / "merged", src.device, remote), linears, src.gptq)
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
-        model = drift.load_peft_nf4(src.base_dir, src.adapter_dir, src.nf4, src.device, remote)
+        model = drift.load_peft_nf4(src.base_dir, src.mix, src.nf4, src.device, remote)
         layout = sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
         return drift.dequantized(model), layout
-    model = drift.load_baseline(kind, src.base_dir, src.adapter, src.device, remote, store_dtype=src.merged_dtype)
+    model = drift.load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)
     return model, merged  # "original": the same tensors and dtype as DIR/merged
 
 

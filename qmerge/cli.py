@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="merge, quantize and measure a base + QLoRA adapter")
     run.add_argument("--base", help="base model: local HF directory or hub id (bf16/fp16 safetensors)")
-    run.add_argument("--adapter", help="QLoRA adapter: local PEFT directory or hub id")
+    run.add_argument("--adapter", action="append", help="QLoRA adapter: local PEFT directory or hub id, optionally DIR:WEIGHT; repeat it to merge a weighted sum of adapters")
     _add_run_options(run)
     demo = sub.add_parser("demo", help="the whole pipeline offline on the embedded SmolLM2-135M-Instruct")
     _add_run_options(demo)

@@ -19,6 +19,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from qmerge.adapter import Mix, peft_model
+from qmerge.edits import apply_to_model
 from qmerge.metrics import kld_histogram, log_probs, per_window, summarize, token_stats
 from qmerge.nf4 import bnb_config, torch_dtype
 from qmerge.settings import NF4Settings
@@ -42,17 +44,15 @@ def load_4bit_base(base_dir: Path, nf4: NF4Settings, device: torch.device, trust
     return model
 
 
-def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
-    """Base quantized by bitsandbytes at load + the adapter, unmerged: the model as trained."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_4bit_base(base_dir, nf4, device, trust_remote_code), adapter_dir).eval()
+def load_reference(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
+    """Base quantized by bitsandbytes at load + the adapters, unmerged: the model as trained."""
+    return peft_model(load_4bit_base(base_dir, nf4, device, trust_remote_code), mix).eval()
 
 
-def load_peft_nf4(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
+def load_peft_nf4(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
     """PEFT's own merge on the 4-bit model (merge_and_unload): dequantize, add the delta, and re-round
     the sum to NF4, a second rounding the adapter never saw."""
-    return load_reference(base_dir, adapter_dir, nf4, device, trust_remote_code).merge_and_unload().eval()
+    return load_reference(base_dir, mix, nf4, device, trust_remote_code).merge_and_unload().eval()
 
 
 @torch.no_grad()
@@ -87,16 +87,13 @@ def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = F
     ).eval()
 
 
-def load_baseline(kind: str, base_dir: Path, adapter, device: torch.device, trust_remote_code: bool = False, store_dtype: str | None = None):
+def load_baseline(kind: str, base_dir: Path, mix: Mix, device: torch.device, trust_remote_code: bool = False, store_dtype: str | None = None):
     """Built in memory: "original" adds the adapter to the original 16-bit weights (what most merge
     tools do), rounded to `store_dtype` as a merged checkpoint stores it; "base" is the base model
     without the adapter (context: how far the fine-tune itself moved the model)."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code)
     if kind == "original":
-        state = model.state_dict()  # shares storage with the parameters
-        with torch.no_grad():
-            for key, module in adapter.modules.items():
-                state[key] += module.delta(device)
+        apply_to_model(model, mix, device)
         if store_dtype is not None:
             model = model.to(torch_dtype(store_dtype)).float()
     return model.eval()

@@ -1,4 +1,5 @@
-"""W_as_trained + scale·B·A, streamed tensor by tensor from the base into HF-style shards.
+"""The adapters' edits (qmerge.edits) of the weights as trained, streamed tensor by tensor from the
+base into HF-style shards.
 
 Only one base tensor (plus the current output shard) is in memory at a time; the NF4 round trip and
 the LoRA product run on the GPU when there is one.
@@ -13,8 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qmerge.adapter import Adapter, check_fits
+from qmerge.edits import build_edits
+from qmerge.adapter import Adapter, Mix, Weighted
 from qmerge.checkpoint import INDEX_NAME, LazyCheckpoint, ShardWriter
+from qmerge.lora import LoraDelta
 from qmerge.nf4 import quantized_linear_names, round_trip, torch_dtype
 from qmerge.settings import NF4Settings
 
@@ -26,11 +29,12 @@ class MergeResult:
     nf4_modules: int  # linear layers replaced by their NF4 round trip
     lora_modules: int  # layers that received a LoRA delta
     tensors: int
+    untied_embeddings: bool = False  # lm_head written on its own: the edits made it differ from the tied embedding
 
 
 def merge(
     base_dir: Path,
-    adapter: Adapter | None,
+    adapter: Adapter | Mix | None,
     out_dir: Path,
     nf4: NF4Settings,
     dtype: str,
@@ -44,15 +48,14 @@ def merge(
 
     into="nf4": the weights the adapter was trained against (qmerge's default);
     into="original": the 16-bit weights, as PEFT on fp16 / unsloth / LLaMA-Factory merge.
-    adapter=None writes the base's NF4 round trip alone.
+    adapter: one adapter, a mix of weighted adapters (Σ weight·Δ), or None for the base's NF4 round trip alone.
     """
     from qmerge.inputs import load_base_config
 
     config = load_base_config(base_dir, trust_remote_code)
     base = LazyCheckpoint.open(base_dir, allow_pickle)
-    if adapter is not None:
-        check_fits(adapter, base)
-    deltas = adapter.modules if adapter is not None else {}
+    mix = (Weighted(adapter),) if isinstance(adapter, Adapter) else adapter or ()
+    edits = build_edits(mix, config, base, trust_remote_code)
     quantized = {f"{n}.weight" for n in quantized_linear_names(config, nf4, trust_remote_code)} if into == "nf4" else set()
     out_dtype = torch_dtype(dtype)
     writer = ShardWriter(out_dir)
@@ -60,17 +63,20 @@ def merge(
     # disable=None: no bar when stderr is not a terminal, so logs and errors stay one line each
     for key in tqdm(keys, desc="merge", unit="tensor", disable=None if show_progress else True, leave=False):
         tensor = base.get(key)
-        if key in quantized or key in deltas:
-            w = round_trip(tensor, nf4, device) if key in quantized else tensor.to(device, torch.float32)
-            if key in deltas:
-                w = w + deltas[key].delta(device)
-            tensor = w
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype=out_dtype)
-        writer.add(key, tensor.cpu())
+        if key in quantized:
+            tensor = round_trip(tensor, nf4, device)
+        writer.add(key, _stored(edits.apply(key, tensor, device), out_dtype))
+    for key, tensor in edits.extra_tensors():
+        writer.add(key, _stored(tensor, out_dtype))
     writer.finish()
+    if edits.untied:
+        config.tie_word_embeddings = False
     _write_metadata(base_dir, out_dir, config, dtype)
-    return MergeResult(len(quantized), len(deltas), len(keys))
+    return MergeResult(len(quantized), edits.count(LoraDelta), len(keys), edits.untied)
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (tensor.to(dtype=dtype) if tensor.is_floating_point() else tensor).cpu()
 
 
 def _write_metadata(base_dir: Path, out_dir: Path, config, dtype: str) -> None:

@@ -21,8 +21,9 @@ import torch
 from transformers import AutoTokenizer
 
 from qmerge import __version__, candidates, card, data, drift, recipe, report
-from qmerge.adapter import check_fits, load_adapter
+from qmerge.adapter import Mix, load_mix
 from qmerge.checkpoint import LazyCheckpoint
+from qmerge.edits import build_edits
 from qmerge.errors import QmergeError
 from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
@@ -84,8 +85,7 @@ class Prepared:
     """Everything validated before the first heavy stage."""
 
     base_dir: Path
-    adapter_dir: Path
-    adapter: object
+    mix: Mix  # the adapters with their weights
     device: torch.device
     calibration: torch.Tensor
     evaluations: tuple[EvalSet, ...]
@@ -102,19 +102,19 @@ def prepare(settings: RunSettings) -> Prepared:
     check_out(Path(settings.out), settings.overwrite, settings.resume)
     device = pick_device(settings.device)
     base_dir = resolve(settings.base, "base")
-    adapter_dir = resolve(settings.adapter, "adapter")
     remote = settings.trust_remote_code
     config = load_base_config(base_dir, remote)
-    adapter = load_adapter(adapter_dir, settings.allow_pickle)
+    mix = load_mix(settings.adapter, settings.allow_pickle)
     base = LazyCheckpoint.open(base_dir, settings.allow_pickle)
-    check_fits(adapter, base)
+    mix = build_edits(mix, config, base, remote).mix
     shapes = {n: tuple(base.shape(f"{n}.weight")) for n in quantized_linear_names(config, settings.nf4, remote)}
     in_features = {shape[1] for shape in shapes.values()}
     if not settings.skip_gptq:
         check_group_size(shapes, settings.gptq)
         check_target(settings.gptq, in_features)
-    check_vocabulary(adapter_dir, config, remote)
-    warn_if_other_base(adapter, settings.base, base_dir)
+    for part in mix:
+        check_vocabulary(part.adapter.directory, config, remote)
+        warn_if_other_base(part.adapter, settings.base, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote)
     d = settings.data
     calibration = data.windows(d.calibration, "calibration", tokenizer, d.seq_len, d.calibration_samples)
@@ -123,7 +123,7 @@ def prepare(settings: RunSettings) -> Prepared:
         windows = data.windows(name, "eval", tokenizer, d.seq_len, d.eval_samples)
         overlap = data.check_disjoint(calibration, windows, name, allow=d.allow_overlap)
         evaluations.append(EvalSet(name, windows, data.scored_bytes(windows, tokenizer), overlap))
-    return Prepared(base_dir, adapter_dir, adapter, device, calibration, tuple(evaluations), shapes)
+    return Prepared(base_dir, mix, device, calibration, tuple(evaluations), shapes)
 
 
 def check_vocabulary(adapter_dir: Path, config, trust_remote_code: bool) -> None:
@@ -158,7 +158,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     store = StageStore(out)
     store.clean_partials()
     stages = Stages(p.device)
-    base_sha, adapter_sha = tree_sha256(p.base_dir), tree_sha256(p.adapter_dir)
+    base_sha, adapter_inputs = tree_sha256(p.base_dir), adapter_report(settings.adapter, p.mix)
+    adapter_sha = adapter_inputs["sha256"]
     common = {"qmerge": __version__, "device": p.device.type, "nf4": asdict(settings.nf4)}
 
     def stage(name: str, parts: dict, build) -> str:
@@ -182,7 +183,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         def merged_stage(name: str, into: str) -> str:
             def build(tmp: Path, info: dict) -> None:
                 result = merge(
-                    p.base_dir, p.adapter, tmp, settings.nf4, settings.merged_dtype, p.device, into=into,
+                    p.base_dir, p.mix, tmp, settings.nf4, settings.merged_dtype, p.device, into=into,
                     show_progress=echo, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
                 )
                 info.update(asdict(result))
@@ -203,11 +204,11 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         if "gptq-original" in kinds:  # the GPTQ most tools' users would ship: of the original-base merge
             gptq_keys["gptq-original"] = gptq_stage("gptq-original", "merged-original", merged_stage("merged-original", "original"))
         src = candidates.Sources(
-            out, p.base_dir, p.adapter_dir, p.adapter, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, settings.trust_remote_code
+            out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, settings.trust_remote_code
         )
 
         def build_drift(tmp: Path, info: dict) -> None:
-            reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
+            reference = drift.load_reference(p.base_dir, p.mix, settings.nf4, p.device, settings.trust_remote_code)
             models, rows = {}, {}
             for kind in kinds:
                 name = candidates.display_name(kind, settings.gptq)
@@ -231,7 +232,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         "schema_version": report.SCHEMA_VERSION,
         "inputs": {
             "base": {"spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": base_sha},
-            "adapter": {"spec": settings.adapter, "path": str(p.adapter_dir), "sha256": adapter_sha},
+            "adapter": adapter_inputs,
             "calibration_windows": len(p.calibration),
             "eval_windows": len(p.evaluations[0].windows),
         },
@@ -275,6 +276,20 @@ def evaluate_set(e: EvalSet, reference: torch.nn.Module, models: dict[str, torch
         "windows_sha256": data.stream_sha256(e.windows),
         "calibration_overlap": e.overlap,
         **result,
+    }
+
+
+def adapter_report(specs: tuple[str, ...], mix: Mix) -> dict:
+    """The adapter inputs for the report and stage keys: one adapter as {spec, path, sha256}; a mix as
+    the same keys over all of it (sha256 of the parts' hashes and weights) plus each part."""
+    parts = [{"spec": spec, "path": str(part.adapter.directory), "weight": part.weight, "sha256": tree_sha256(part.adapter.directory)} for spec, part in zip(specs, mix)]
+    if len(parts) == 1 and parts[0]["weight"] == 1:
+        return {key: parts[0][key] for key in ("spec", "path", "sha256")}
+    return {
+        "spec": " + ".join(specs),
+        "path": " + ".join(f"{part['path']}:{part['weight']:g}" for part in parts),
+        "sha256": key_of(adapters=[(part["sha256"], part["weight"]) for part in parts]),
+        "parts": parts,
     }
 
 

@@ -91,7 +91,7 @@ class RunSettings:
     """One `qmerge run`: inputs, output directory and the settings of every stage."""
 
     base: str
-    adapter: str
+    adapter: tuple[str, ...]  # DIR_OR_HUB_ID[:WEIGHT] each; several are merged as Σ weight·Δ
     out: Path
     nf4: NF4Settings = field(default_factory=NF4Settings)
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
@@ -108,10 +108,16 @@ class RunSettings:
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
 
+    def __post_init__(self) -> None:
+        # one adapter string (the API, recipes, older callers) or a list (recipes, repeated --adapter)
+        object.__setattr__(self, "adapter", (self.adapter,) if isinstance(self.adapter, str) else tuple(self.adapter))
+
     def validate(self) -> None:
         self.nf4.validate()
         self.gptq.validate()
         self.data.validate()
+        if not self.adapter:
+            raise QmergeError("--adapter is required (or set 'adapter:' in the recipe)")
         if self.merged_dtype not in DTYPES:
             raise QmergeError(f"--merged-dtype {self.merged_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -39,7 +39,8 @@ def make_base(directory: Path, seed: int = 0, **overrides) -> Path:
 
 
 def make_qlora_adapter(base: Path, directory: Path, seed: int = 1, **lora) -> Path:
-    """PEFT's own QLoRA model on the NF4 load; lora_B set non-zero so the delta is real."""
+    """PEFT's own QLoRA model on the NF4 load; lora_B set non-zero (and every other trained tensor moved)
+    so the delta is real."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -51,8 +52,10 @@ def make_qlora_adapter(base: Path, directory: Path, seed: int = 1, **lora) -> Pa
     peft_model = get_peft_model(model, config)
     torch.manual_seed(seed)
     for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or "lora_embedding_A" in name:  # the factors PEFT starts at zero
             p.data.normal_(0, 0.05)
+        elif p.requires_grad and "lora_A" not in name and "lora_embedding_B" not in name:
+            p.data += torch.randn_like(p) * 0.05  # DoRA magnitudes, modules_to_save copies, token rows, biases
     peft_model.save_pretrained(directory)
     return directory
 

@@ -33,7 +33,12 @@ fields = st.fixed_dictionaries(
         "rank_pattern": st.one_of(patterns, junk),
         "alpha_pattern": st.one_of(patterns, junk),
         "fan_in_fan_out": st.one_of(st.booleans(), junk),
-        "use_dora": st.one_of(st.booleans(), junk),
+        "use_dora": st.one_of(st.booleans(), junk),  # true without saved magnitudes: refused as inconsistent
+        "lora_bias": st.one_of(st.booleans(), junk),
+        "trainable_token_indices": st.one_of(st.lists(st.integers(-2, 600), max_size=3), st.dictionaries(st.sampled_from(["embed_tokens", "lm_head"]), st.lists(st.integers(0, 9), max_size=2), max_size=2), junk),
+        "modules_to_save": st.one_of(st.lists(st.sampled_from(["lm_head", "embed_tokens", "norm"]), max_size=2), junk),
+        "layer_replication": st.one_of(st.just([[0, 2]]), junk),
+        "init_lora_weights": st.one_of(st.sampled_from([True, False, "gaussian", "pissa", "olora", "loftq"]), junk),
         "peft_type": st.one_of(st.just("LORA"), junk),
     },
 )

@@ -119,7 +119,8 @@ BAD_INPUTS = {
     "negative_alpha": (lambda b, a: _set_config(a, lora_alpha=-16), ["lora_alpha = -16 must be positive"]),
     "pickle_base": (lambda b, a: (torch.save(load_file(b / "model.safetensors"), b / "pytorch_model.bin"), (b / "model.safetensors").unlink()), ["--allow-pickle"]),
     "remote_code": (lambda b, a: (b / "config.json").write_text(json.dumps({**json.loads((b / "config.json").read_text()), "auto_map": {"AutoModelForCausalLM": "m.M"}})), ["--trust-remote-code"]),
-    "dora": (lambda b, a: _set_config(a, use_dora=True), ["DoRA"]),
+    "layer_replication": (lambda b, a: _set_config(a, layer_replication=[[0, 2]]), ["layer replication (layer_replication) is not supported"]),
+    "dora_without_magnitudes": (lambda b, a: _set_config(a, use_dora=True), ["lacks lora_magnitude_vector", "use_dora"]),
     "missing_target": (lambda b, a: _rename_module(a, "q_proj", "qq_proj"), ["qq_proj", "base does not have"]),
     "vocabulary": (lambda b, a: make_tokenizer(a, 700), ["700 tokens", "vocabulary is 512"]),
 }

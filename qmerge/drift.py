@@ -19,28 +19,16 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from qmerge.metrics import log_probs, summarize, token_stats
-from qmerge.nf4 import bnb_config, torch_dtype
+from qmerge.nf4 import load_base, reference, torch_dtype
 from qmerge.settings import NF4Settings
 
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
 
 
-def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
-    """Base quantized by bitsandbytes at load + the adapter, unmerged: the model as trained."""
-    from peft import PeftModel
-
-    import bitsandbytes as bnb
-
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=torch.float32, quantization_config=bnb_config(nf4, compute_dtype="float32"), device_map={"": device},
-        trust_remote_code=trust_remote_code,
-    )
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight at the first forward and then
-            # computes in bf16 whatever compute_dtype says; keep the float32 path the metrics assume.
-            module.support_avx512bf16_for_cpu = False
-    return PeftModel.from_pretrained(model, adapter_dir).eval()
+def load_reference(base_dir: Path, adapter_dir: Path, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False, kind: str = "qlora"):
+    """Base as the adapter saw it (qlora: quantized by bitsandbytes at load, or pre-quantized; lora:
+    16-bit) + the adapter, unmerged: the model as trained (qmerge.nf4.reference)."""
+    return reference(base_dir, adapter_dir, nf4, device, kind, trust_remote_code)
 
 
 def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
@@ -65,7 +53,7 @@ BASELINES = {
 def load_baseline(kind: str, base_dir: Path, adapter, device: torch.device, trust_remote_code: bool = False):
     """Context rows, built in memory: "original" adds the adapter to the original 16-bit weights (what
     most merge tools do); "base" is the base model without the adapter."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code)
+    model = load_base(base_dir, None, device, "lora", trust_remote_code)  # a pre-quantized base has no "original" row
     if kind == "original":
         state = model.state_dict()  # shares storage with the parameters
         with torch.no_grad():

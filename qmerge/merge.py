@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from qmerge.adapter import Adapter, check_fits
-from qmerge.checkpoint import INDEX_NAME, LazyCheckpoint, ShardWriter
-from qmerge.nf4 import quantized_linear_names, round_trip, torch_dtype
+from qmerge.checkpoint import INDEX_NAME, ShardWriter
+from qmerge.nf4 import as_trained, torch_dtype
 from qmerge.settings import NF4Settings
 
 _WEIGHT_FILES = ("*.safetensors", INDEX_NAME, "*.bin", "*.pt", "*.pth", "*.gguf")
@@ -23,7 +23,7 @@ _WEIGHT_FILES = ("*.safetensors", INDEX_NAME, "*.bin", "*.pt", "*.pth", "*.gguf"
 
 @dataclass(frozen=True)
 class MergeResult:
-    nf4_modules: int  # linear layers replaced by their NF4 round trip
+    nf4_modules: int  # linear layers read as their 4-bit values (round trip, or stored codes dequantized)
     lora_modules: int  # layers that received a LoRA delta
     tensors: int
 
@@ -44,33 +44,30 @@ def merge(
 
     into="nf4": the weights the adapter was trained against (qmerge's default);
     into="original": the 16-bit weights, as PEFT on fp16 / unsloth / LLaMA-Factory merge.
-    adapter=None writes the base's NF4 round trip alone.
+    A pre-quantized bitsandbytes 4-bit base is read from its stored tensors (into="nf4" only).
+    adapter=None writes the base's NF4 weights alone.
     """
     from qmerge.inputs import load_base_config
 
     config = load_base_config(base_dir, trust_remote_code)
-    base = LazyCheckpoint.open(base_dir, allow_pickle)
+    source = as_trained(base_dir, config, nf4, into, allow_pickle, trust_remote_code)
     if adapter is not None:
-        check_fits(adapter, base)
+        check_fits(adapter, source)
     deltas = adapter.modules if adapter is not None else {}
-    quantized = {f"{n}.weight" for n in quantized_linear_names(config, nf4, trust_remote_code)} if into == "nf4" else set()
     out_dtype = torch_dtype(dtype)
     writer = ShardWriter(out_dir)
-    keys = base.keys()
+    keys = source.keys()
     # disable=None: no bar when stderr is not a terminal, so logs and errors stay one line each
     for key in tqdm(keys, desc="merge", unit="tensor", disable=None if show_progress else True, leave=False):
-        tensor = base.get(key)
-        if key in quantized or key in deltas:
-            w = round_trip(tensor, nf4, device) if key in quantized else tensor.to(device, torch.float32)
-            if key in deltas:
-                w = w + deltas[key].delta(device)
-            tensor = w
+        tensor = source.get(key, device)
+        if key in deltas:
+            tensor = tensor.to(device, torch.float32) + deltas[key].delta(device)
         if tensor.is_floating_point():
             tensor = tensor.to(dtype=out_dtype)
         writer.add(key, tensor.cpu())
     writer.finish()
     _write_metadata(base_dir, out_dir, config, dtype)
-    return MergeResult(len(quantized), len(deltas), len(keys))
+    return MergeResult(len(source.quantized), len(deltas), len(keys))
 
 
 def _write_metadata(base_dir: Path, out_dir: Path, config, dtype: str) -> None:

@@ -14,7 +14,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,14 +22,17 @@ from transformers import AutoTokenizer
 
 from qmerge import __version__, card, data, drift, recipe, report
 from qmerge.adapter import check_fits, load_adapter
-from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
 from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
-from qmerge.nf4 import quantized_linear_names
+from qmerge.nf4 import REFERENCES, Prequantized, as_trained, effective_settings, quantized_linear_names, reference_kind
 from qmerge.quantize import check_group_size, check_target, quantize, read_quant_log, servers
 from qmerge.stages import StageStore, key_of
-from qmerge.settings import RunSettings
+from qmerge.settings import NF4Settings, RunSettings
+from qmerge.verify import SEQUENCES, raise_if_failed, verify
+
+
+MERGED = {"nf4": "merged (NF4 base + adapter)", "original": "merged (original base + adapter)"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -81,6 +84,8 @@ class Prepared:
     evaluation: torch.Tensor
     eval_bytes: int  # UTF-8 bytes of the scored eval text
     in_features: set[int]  # of every layer GPTQ quantizes
+    nf4: NF4Settings  # the run's 4-bit settings: the user's, or a pre-quantized base's own
+    prequantized: bool  # the base is a bitsandbytes 4-bit checkpoint (no 16-bit weights)
 
 
 def prepare(settings: RunSettings) -> Prepared:
@@ -93,9 +98,10 @@ def prepare(settings: RunSettings) -> Prepared:
     remote = settings.trust_remote_code
     config = load_base_config(base_dir, remote)
     adapter = load_adapter(adapter_dir, settings.allow_pickle)
-    base = LazyCheckpoint.open(base_dir, settings.allow_pickle)
-    check_fits(adapter, base)
-    shapes = {n: base.shape(f"{n}.weight") for n in quantized_linear_names(config, settings.nf4, remote)}
+    source = as_trained(base_dir, config, settings.nf4, settings.merge_into, settings.allow_pickle, remote)
+    nf4 = effective_settings(config, source, settings.nf4, settings.nf4_given)
+    check_fits(adapter, source)
+    shapes = {n: source.shape(f"{n}.weight") for n in quantized_linear_names(config, nf4, remote)}
     in_features = {shape[1] for shape in shapes.values()}
     if not settings.skip_gptq:
         check_group_size(shapes, settings.gptq)
@@ -107,7 +113,17 @@ def prepare(settings: RunSettings) -> Prepared:
     calibration = data.windows(d.calibration, "calibration", tokenizer, d.seq_len, d.calibration_samples)
     evaluation = data.windows(d.eval, "eval", tokenizer, d.seq_len, d.eval_samples)
     data.check_disjoint(calibration, evaluation)
-    return Prepared(base_dir, adapter_dir, adapter, device, calibration, evaluation, data.scored_bytes(evaluation, tokenizer), in_features)
+    return Prepared(
+        base_dir, adapter_dir, adapter, device, calibration, evaluation, data.scored_bytes(evaluation, tokenizer), in_features, nf4,
+        isinstance(source, Prequantized),
+    )
+
+
+def effective(settings: RunSettings, p: Prepared) -> RunSettings:
+    """The settings the run really uses: a pre-quantized base's own 4-bit settings, and no "original"
+    context row where it cannot be built (no 16-bit weights) or is the merged candidate itself."""
+    drop = p.prequantized or settings.merge_into == "original"
+    return replace(settings, nf4=p.nf4, baselines=tuple(b for b in settings.baselines if not (drop and b == "original")))
 
 
 def check_vocabulary(adapter_dir: Path, config, trust_remote_code: bool) -> None:
@@ -136,6 +152,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     settings.resume a stage whose manifest verifies against the current inputs and settings is reused."""
     torch.manual_seed(settings.seed)
     p = prepare(settings)
+    settings = effective(settings, p)
+    ref_kind = reference_kind(settings.merge_into)
     out = Path(settings.out).resolve()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -165,20 +183,25 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     try:
         def build_merged(tmp: Path, info: dict) -> None:
             result = merge(
-                p.base_dir, p.adapter, tmp, settings.nf4, settings.merged_dtype, p.device,
+                p.base_dir, p.adapter, tmp, settings.nf4, settings.merged_dtype, p.device, settings.merge_into,
                 show_progress=echo, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
             )
             info.update(asdict(result))
+            check = verify(tmp, p.base_dir, p.adapter_dir, settings.nf4, p.device, ref_kind, p.evaluation[:SEQUENCES], settings.trust_remote_code)
+            info["verify"] = check.summary()
+            if echo:
+                print(f"[qmerge] {check.line()}", flush=True)
+            raise_if_failed(check)
 
-        merged_key = stage("merged", dict(base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, **common), build_merged)
-        candidates = {"merged (NF4 base + adapter)": out / "merged"}
+        merged_key = stage("merged", dict(base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, into=settings.merge_into, **common), build_merged)
+        candidates = {MERGED[settings.merge_into]: out / "merged"}
         gptq_key = None
         if not settings.skip_gptq:
             parts = dict(merged=merged_key, gptq=asdict(settings.gptq), calibration=key_of(windows=sorted(data.window_hashes(p.calibration))), seed=settings.seed, **common)
             gptq_key = stage("gptq", parts, lambda tmp, info: quantize(out / "merged", tmp, p.calibration, settings.gptq, p.device, verbose, settings.trust_remote_code))
             candidates[f"gptq {settings.gptq.bits}-bit g{settings.gptq.group_size}"] = out / "gptq"
         def build_drift(tmp: Path, info: dict) -> None:
-            reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code)
+            reference = drift.load_reference(p.base_dir, p.adapter_dir, settings.nf4, p.device, settings.trust_remote_code, ref_kind)
             models = {name: drift.load_candidate(path, p.device, settings.trust_remote_code) for name, path in candidates.items()}
             for kind in settings.baselines:
                 models[drift.BASELINES[kind]] = drift.load_baseline(kind, p.base_dir, p.adapter, p.device, settings.trust_remote_code)
@@ -194,12 +217,16 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     rep = {
         "schema_version": report.SCHEMA_VERSION,
         "inputs": {
-            "base": {"spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": base_sha},
+            "base": {
+                "spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": base_sha,
+                "prequantized": p.prequantized,
+            },
             "adapter": {"spec": settings.adapter, "path": str(p.adapter_dir), "sha256": adapter_sha},
             "calibration_windows": len(p.calibration),
             "eval_windows": len(p.evaluation),
         },
         "settings": settings.to_dict(),
+        "reference": {"name": REFERENCES[ref_kind], "kind": ref_kind},
         "versions": report.library_versions(),
         "device": report.device_info(p.device),
         "merge": infos["merged"],

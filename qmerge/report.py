@@ -42,7 +42,7 @@ def table(report: dict) -> str:
     metrics = report["metrics"]
     first = next(iter(metrics.values()), None)
     if first:
-        rows.append(f"| reference (QLoRA as trained) | {first['ppl_ref']:.4f} ± {first['ppl_ref_se']:.4f} | 1 | 0 | 0 | 0 | 100% |")
+        rows.append(f"| {report.get('reference', {}).get('name', 'reference (QLoRA as trained)')} | {first['ppl_ref']:.4f} ± {first['ppl_ref_se']:.4f} | 1 | 0 | 0 | 0 | 100% |")
     for name, m in metrics.items():
         rows.append(
             f"| {name} | {m['ppl']:.4f} ± {m['ppl_se']:.4f} | {m['ppl_ratio']:.5f} | {m['kld_mean']:.3e} ± {m['kld_mean_se']:.1e} "
@@ -68,6 +68,38 @@ def detail_table(report: dict) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def merged_into(report: dict) -> str:
+    """How the merge was made: into the 4-bit weights as trained (of a 16-bit or a pre-quantized base), or the 16-bit ones."""
+    if report["settings"].get("merge_into", "nf4") == "original":
+        return ("merged into the original 16-bit weights (`--merge-into original`: a plain LoRA, or the merge "
+                "PEFT-on-fp16, unsloth and LLaMA-Factory make)")
+    if report["inputs"]["base"].get("prequantized"):
+        return ("merged into the 4-bit weights stored in this pre-quantized bitsandbytes checkpoint (the weights the "
+                "adapter was trained against; it holds no 16-bit weights, so the report has no \"merged into original\" row)")
+    return "merged into the NF4 round trip of the base (the weights the adapter was trained against)"
+
+
+def reference_words(report: dict) -> str:
+    n = report["settings"]["nf4"]
+    if report.get("reference", {}).get("kind") == "lora":
+        return "the 16-bit base (a plain LoRA: no 4-bit load)"
+    how = "stored pre-quantized by bitsandbytes" if report["inputs"]["base"].get("prequantized") else "loaded in 4-bit by bitsandbytes"
+    return f"base {how} ({n['quant_type']}, double quant {n['double_quant']}, blocksize {n['blocksize']})"
+
+
+def verified(report: dict) -> str:
+    """The merge stage's check against PEFT's own merge and logits (qmerge.verify), when it ran."""
+    v = report.get("merge", {}).get("verify")
+    if not v:
+        return ""
+    worst = v["worst"][0] if v["worst"] else {"key": "-", "max_rel_err": 0.0}
+    return (
+        f"\nVerified: every merged tensor equals PEFT's merge of the adapter into the base as trained within {v['merged_dtype']} "
+        f"rounding (worst `{worst['key']}`, max rel err {worst['max_rel_err']:.3g}), and the mean KLD to the unmerged "
+        f"model is {v['kld_mean']:.3g} (limit {v['kld_limit']:.0e}) on {v['sequences']} sequences.\n"
+    )
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     stages = "\n".join(
@@ -77,14 +109,12 @@ def markdown(report: dict) -> str:
     first = next(iter(report["metrics"].values()), {"tokens": 0, "windows": 0})
     return f"""# qmerge report
 
-Base `{report['inputs']['base']['path']}` + adapter `{report['inputs']['adapter']['path']}`, merged into the
-NF4 round trip of the base (the weights the adapter was trained against), then GPTQ
+Base `{report['inputs']['base']['path']}` + adapter `{report['inputs']['adapter']['path']}`, {merged_into(report)}, then GPTQ
 {s['gptq']['bits']}-bit, group {s['gptq']['group_size']}, sym={s['gptq']['sym']}, desc_act={s['gptq']['desc_act']}.
-
+{verified(report)}
 ## Drift against the model as trained
 
-Reference: base loaded in 4-bit by bitsandbytes ({s['nf4']['quant_type']}, double quant {s['nf4']['double_quant']},
-blocksize {s['nf4']['blocksize']}) with the adapter unmerged (PEFT). All models compute in float32.
+Reference: {reference_words(report)} with the adapter unmerged (PEFT). All models compute in float32.
 Eval: {first['windows']} windows of {s['data']['seq_len']} tokens from `{s['data']['eval']}` ({first['tokens']} scored
 next-token predictions: every position of each window predicted from the window's own prefix). KLD is
 KL(reference ‖ model). Standard errors are clustered by window; the PPL ratio is paired (same tokens).

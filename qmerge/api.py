@@ -11,7 +11,7 @@ returns paths and numbers instead of printing, and raises QmergeError on bad inp
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qmerge import data, drift, pipeline, recipe
@@ -82,7 +82,8 @@ def merge_adapter(base: str, adapter: str, out: str | Path, *, into: str = "nf4"
     out = Path(out).resolve()
     pipeline.check_out(out, overwrite)
     base_dir = resolve(base, "base")
-    nf4 = base_settings(base_dir, nf4 or NF4Settings(), tuple(NF4Settings.__dataclass_fields__) if nf4 else (), into)
+    given = tuple(f.name for f in fields(NF4Settings)) if nf4 else ()  # an explicit NF4Settings is given whole
+    nf4 = base_settings(base_dir, nf4 or NF4Settings(), given, into)
     work = staged(out)
     try:
         merge(base_dir, load_adapter(resolve(adapter, "adapter")), work, nf4, dtype, pipeline.pick_device(device), into, show_progress=False)

@@ -147,19 +147,17 @@ class Prequantized:
         return F.dequantize_4bit(self.base.get(key).to(device), state)
 
     def settings(self, config: AutoConfig) -> NF4Settings:
-        """The 4-bit settings the stored tensors were made with: type, double quantization, blocksize
-        and storage from the tensors themselves (one set for the whole model), compute dtype and skip
-        list from the config's quantization_config."""
-        found = set()
-        for key in sorted(self.quantized):
-            state = self.state(key)
-            found.add((state["quant_type"], "nested_blocksize" in state, state["blocksize"], dtype_name(self.base.get(key).dtype)))
+        """The 4-bit settings the stored tensors were made with: type, double quantization and
+        blocksize from every layer's stored state (one set for the whole model), storage from the
+        packed tensors' dtype, compute dtype and skip list from the config's quantization_config."""
+        found = {(s["quant_type"], "nested_blocksize" in s, s["blocksize"]) for s in map(self.state, self.quantized)}
         if len(found) != 1:
             raise QmergeError(f"the pre-quantized base mixes 4-bit settings across layers ({sorted(found)}); qmerge needs one setting for the whole model")
-        quant_type, double_quant, blocksize, storage = found.pop()
+        quant_type, double_quant, blocksize = found.pop()
+        storage = self.base.get(min(self.quantized)).dtype  # transformers packs every layer into the one bnb_4bit_quant_storage
         qc = config.quantization_config
         return NF4Settings(
-            quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, quant_storage=storage,
+            quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, quant_storage=dtype_name(storage),
             compute_dtype=str(qc.get("bnb_4bit_compute_dtype", "float32")).removeprefix("torch."),
             skip_modules=tuple(qc.get("llm_int8_skip_modules") or ()),
         )

@@ -127,7 +127,10 @@ def given_nf4(values: dict) -> tuple[str, ...]:
 
 def nf4_settings(values: dict) -> NF4Settings:
     """NF4Settings from flat values (recipe keys), defaults for the rest."""
-    return NF4Settings(**{name: tuple(values[key]) if name == "skip_modules" else values[key] for key, (section, name) in KEYS.items() if section == "nf4" and values.get(key) is not None})
+    given = {name: values[key] for key, (section, name) in KEYS.items() if section == "nf4" and values.get(key) is not None}
+    if "skip_modules" in given:
+        given["skip_modules"] = tuple(given["skip_modules"])
+    return NF4Settings(**given)
 
 
 def resolved(settings: RunSettings) -> dict:

@@ -73,10 +73,12 @@ def merged_into(report: dict) -> str:
     if report["settings"].get("merge_into", "nf4") == "original":
         return ("merged into the original 16-bit weights (`--merge-into original`: a plain LoRA, or the merge "
                 "PEFT-on-fp16, unsloth and LLaMA-Factory make)")
+    n = report["settings"]["nf4"]
+    settings = f"bitsandbytes {n['quant_type']}, double quant {n['double_quant']}, blocksize {n['blocksize']}"
     if report["inputs"]["base"].get("prequantized"):
-        return ("merged into the 4-bit weights stored in this pre-quantized bitsandbytes checkpoint (the weights the "
+        return (f"merged into the 4-bit weights stored in this pre-quantized checkpoint ({settings}: the weights the "
                 "adapter was trained against; it holds no 16-bit weights, so the report has no \"merged into original\" row)")
-    return "merged into the NF4 round trip of the base (the weights the adapter was trained against)"
+    return f"merged into the NF4 round trip of the base (the weights the adapter was trained against: {settings})"
 
 
 def reference_words(report: dict) -> str:

@@ -146,6 +146,17 @@ def test_agreeing_settings_are_accepted(tiny_adapter, prequantized, tmp_path):
     assert resolved.prequantized and resolved.nf4 == NF4Settings()
 
 
+def test_api_merge_refuses_settings_a_prequantized_base_contradicts(tiny_adapter, prequantized, tmp_path):
+    from qmerge import merge_adapter
+    from qmerge.errors import QmergeError
+
+    with pytest.raises(QmergeError, match="--double-quant False conflicts with the pre-quantized base's True"):
+        merge_adapter(str(prequantized), str(tiny_adapter), tmp_path / "out", nf4=NF4Settings(double_quant=False), device="cpu")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    out = merge_adapter(str(prequantized), str(tiny_adapter), tmp_path / "out", nf4=NF4Settings(), device="cpu")  # agreeing: fine
+    assert (out / "model.safetensors").exists()
+
+
 def make_lora_adapter(base: Path, directory: Path, seed: int = 2) -> Path:
     """A plain LoRA: PEFT on the 16-bit base (no 4-bit load), random non-zero lora_B."""
     from peft import LoraConfig, get_peft_model

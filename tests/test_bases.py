@@ -239,3 +239,18 @@ def test_verify_fails_a_tampered_merge(tiny_base, tiny_adapter, merged, tmp_path
     if tamper == "flip":
         assert key in line
     assert "worst modules" in result.stdout
+
+
+def test_run_stops_when_the_merge_does_not_verify(tiny_base, tiny_adapter, tmp_path, monkeypatch):
+    """A merge bug (simulated: the shard writer flips one tensor) stops `qmerge run` at the merge
+    stage with VerifyError (exit 4 in the CLI), and no stage is committed."""
+    from qmerge import merge as merge_module
+    from qmerge.errors import VerifyError
+
+    key = "model.layers.0.self_attn.v_proj.weight"
+    add = merge_module.ShardWriter.add
+    monkeypatch.setattr(merge_module.ShardWriter, "add", lambda self, k, t: add(self, k, -t if k == key else t))
+    out = tmp_path / "out"
+    with pytest.raises(VerifyError, match=f"verify FAILED: worst {key} max abs err"):
+        pipeline.run(RunSettings(base=str(tiny_base), adapter=str(tiny_adapter), out=out, **RUN), echo=False)
+    assert not out.exists()

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from conftest import make_base, mean_kld, reference_model
+from conftest import mean_kld, reference_model
 from qmerge import pipeline
 from qmerge.adapter import load_adapter
 from qmerge.checkpoint import LazyCheckpoint

@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 # set before any path (quantize, or transformers loading a GPTQ checkpoint) imports it.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))
 
-API = ("run", "merge_adapter", "gptq_quantize", "evaluate", "push")
+API = ("run", "merge_adapter", "gptq_quantize", "evaluate", "verify", "push")
 
 
 def __getattr__(name: str):
-    """`from qmerge import run, merge_adapter, gptq_quantize, evaluate, push`, imported on first use so
+    """`from qmerge import run, merge_adapter, gptq_quantize, evaluate, verify, push`, imported on first use so
     that `import qmerge` stays light (the CLI configures library logging before torch loads)."""
     if name in API:
         from qmerge import api

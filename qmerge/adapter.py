@@ -25,6 +25,7 @@ from qmerge.checkpoint import LazyCheckpoint, PickledCheckpoint
 from qmerge.errors import QmergeError
 from qmerge.inputs import resolve
 from qmerge.lora import ORDER, Edit, LoraBias, LoraDelta, Replace, TokenRows
+from qmerge.nf4 import Source
 
 PREFIX = "base_model.model."
 _LORA = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
@@ -243,7 +244,7 @@ def _token_rows(module: str, rows: torch.Tensor, config: dict, path: Path) -> To
     return TokenRows(tuple(spec), rows)
 
 
-def check_fits(adapter: Adapter, base: LazyCheckpoint, aliases: dict[str, str] | None = None) -> None:
+def check_fits(adapter: Adapter, base: Source, aliases: dict[str, str] | None = None) -> None:
     """Every tensor the adapter edits exists in the base with the shape the adapter implies.
 
     aliases: tensors the checkpoint does not store because they share another's (a tied lm_head)."""

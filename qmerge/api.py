@@ -11,17 +11,20 @@ returns paths and numbers instead of printing, and raises QmergeError on bad inp
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qmerge import data, drift, pipeline, recipe
 from qmerge.adapter import load_mix
-from qmerge.inputs import resolve
+from qmerge.inputs import load_base_config, resolve
 from qmerge.merge import merge
+from qmerge.nf4 import as_trained, effective_settings, reference_kind
 from qmerge.quantize import quantize
 from qmerge.stages import replace_dir, staged
 from qmerge.errors import QmergeError
 from qmerge.settings import GPTQSettings, NF4Settings
+from qmerge.verify import Verification
+from qmerge.verify import verify as verify_merged
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,43 @@ def merge_adapter(base: str, adapter: str | list[str], out: str | Path, *, into:
         raise QmergeError(f"into={into!r}; use 'nf4' (the weights as trained) or 'original'")
     out = Path(out).resolve()
     pipeline.check_out(out, overwrite)
+    base_dir = resolve(base, "base")
+    given = tuple(f.name for f in fields(NF4Settings)) if nf4 else ()  # an explicit NF4Settings is given whole
+    nf4 = base_settings(base_dir, nf4 or NF4Settings(), given, into)
     work = staged(out)
     try:
-        merge(resolve(base, "base"), load_mix(_specs(adapter)), work, nf4 or NF4Settings(), dtype, pipeline.pick_device(device), into, show_progress=False)
+        merge(base_dir, load_mix(_specs(adapter)), work, nf4, dtype, pipeline.pick_device(device), into, show_progress=False)
         replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def base_settings(base_dir: Path, nf4: NF4Settings, given: tuple[str, ...], into: str = "nf4", trust_remote_code: bool = False) -> NF4Settings:
+    """The 4-bit settings for `base_dir`: `nf4`, or a pre-quantized base's own, which refuses the
+    fields in `given` (set by the user) when they disagree with it."""
+    nf4.validate()
+    config = load_base_config(base_dir, trust_remote_code)
+    return effective_settings(config, as_trained(base_dir, config, nf4, into, trust_remote_code=trust_remote_code), nf4, given)
+
+
+def verify(merged: str | Path, base: str, adapter: str | list[str], *, merge_into: str = "nf4", device: str = "auto", trust_remote_code: bool = False,
+           **nf4_values) -> Verification:
+    """Compare a merged checkpoint with PEFT's own merge of `adapter` into `base` as the adapter saw it
+    (merge_into="nf4": the 4-bit weights; "original": the 16-bit ones; several adapters: their weighted mix), tensor by tensor and by logits
+    against the unmerged model. `nf4_values`: the training-time 4-bit settings as recipe keys
+    (quant_type, double_quant, nf4_blocksize, ...). Returns the numbers; `.ok` is the verdict."""
+    unknown = sorted(set(nf4_values) - set(k for k, (section, _) in recipe.KEYS.items() if section == "nf4"))
+    if unknown:
+        raise QmergeError(f"unknown setting {unknown[0]!r} for verify; the 4-bit settings are quant_type, double_quant, nf4_blocksize, compute_dtype, quant_storage, skip_modules")
+    if merge_into not in ("nf4", "original"):
+        raise QmergeError(f"--merge-into {merge_into!r} is unknown; use nf4 or original")
+    merged = Path(merged)
+    if not (merged / "config.json").exists():
+        raise QmergeError(f"{merged} is not a merged checkpoint (no config.json); pass DIR/merged")
+    base_dir, mix = resolve(base, "base"), load_mix(_specs(adapter))
+    nf4 = base_settings(base_dir, recipe.nf4_settings(nf4_values), recipe.given_nf4(nf4_values), merge_into, trust_remote_code)
+    return verify_merged(merged, base_dir, mix, nf4, pipeline.pick_device(device), reference_kind(merge_into), trust_remote_code=trust_remote_code)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qmerge import drift, rtn, sizes
+from qmerge import drift, nf4, rtn, sizes
 from qmerge.adapter import Mix
 from qmerge.settings import GPTQSettings, NF4Settings
 
@@ -41,10 +41,10 @@ class Sources:
     trust_remote_code: bool = False
 
 
-def display_name(kind: str, gptq: GPTQSettings) -> str:
+def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4") -> str:
     grid = f"{gptq.bits}-bit g{gptq.group_size}"
     return {
-        "merged": "merged (NF4 base + adapter)",
+        "merged": "merged (NF4 base + adapter)" if merge_into == "nf4" else "merged (original base + adapter)",
         "original": "merged into original 16-bit base (PEFT fp16, unsloth, LLaMA-Factory)",
         "peft-nf4": "PEFT merge_and_unload on the 4-bit model (re-rounded to NF4)",
         "rtn": f"rtn {grid}",
@@ -78,7 +78,7 @@ def build(kind: str, src: Sources) -> tuple[torch.nn.Module, dict[str, int] | No
     if kind == "peft-nf4":
         model = drift.load_peft_nf4(src.base_dir, src.mix, src.nf4, src.device, remote)
         layout = sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
-        return drift.dequantized(model), layout
+        return nf4.dequantized(model), layout
     model = drift.load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)
     return model, merged  # "original": the same tensors and dtype as DIR/merged
 

@@ -26,9 +26,7 @@ tags:
 
 # {g['bits']}-bit GPTQ of `{base}` + QLoRA adapter `{adapter}`
 
-The adapter was merged by qmerge into the NF4 round trip of the base (the
-weights it was trained against: bitsandbytes {s['nf4']['quant_type']}, double quant
-{s['nf4']['double_quant']}, blocksize {s['nf4']['blocksize']}), then quantized with GPTQModel:
+The adapter was {report.merged_into(rep)} by qmerge, then quantized with GPTQModel:
 format gptq (v1), {g['bits']}-bit, group size {g['group_size']}, sym={g['sym']}, desc_act={g['desc_act']},
 int32 packing, calibrated on `{s['data']['calibration']}` ({rep['inputs']['calibration_windows']} windows of
 {s['data']['seq_len']} tokens).

@@ -2,7 +2,9 @@
 
 Exit status: 0 ok; 1 internal error; 2 bad input (one line naming cause and fix, nothing left
 behind); 3 a quality budget (--max-kld, --max-ppl-ratio) failed on the final checkpoint, whose
-outputs are kept for inspection.
+outputs are kept for inspection; 4 verification failed (`qmerge verify`, or the check inside `qmerge
+run`): the merged weights differ from an independent recomputation beyond rounding, one line names
+the worst module and its errors.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from qmerge.errors import QmergeError
+from qmerge.errors import QmergeError, VerifyError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_BUDGET = 0, 1, 2, 3
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_VERIFY_FAILED = 0, 1, 2, 3, 4
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -39,18 +41,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, help="eval windows (default 32)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
     p.add_argument("--allow-overlap", action=B, help="evaluate even on windows that are also in the calibration set (the overlapping fraction is reported)")
-    p.add_argument("--quant-type", help="training-time bnb_4bit_quant_type (default nf4)")
-    p.add_argument("--double-quant", action=B, help="training-time bnb_4bit_use_double_quant (default on)")
-    p.add_argument("--nf4-blocksize", type=int, help="training-time bitsandbytes blocksize (default 64)")
-    p.add_argument("--compute-dtype", help="training-time bnb_4bit_compute_dtype (default bfloat16)")
-    p.add_argument("--quant-storage", help="training-time bnb_4bit_quant_storage (default uint8)")
-    p.add_argument("--skip-modules", help="comma-separated llm_int8_skip_modules of the training load")
+    _add_base_options(p)
     p.add_argument("--merged-dtype", help="dtype of DIR/merged (default bfloat16)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--skip-gptq", action=B, help="stop after the merge (drift of the merged model only)")
     p.add_argument("--allow-pickle", action=B, help="read pickled .bin weights (they run code when loaded: trusted files only)")
-    p.add_argument("--trust-remote-code", action=B, help="run a model's own code from its repository (off by default)")
     p.add_argument(
         "--candidates",
         help="report rows, comma-separated: merged, original, peft-nf4, rtn, gptq, gptq-original, base (default: all but gptq-original)",
@@ -59,6 +54,20 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
     p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout, everything else on stderr")
     p.add_argument("--verbose", action="store_true", help="show library logs (transformers, GPTQModel) and tracebacks")
+
+
+def _add_base_options(p: argparse.ArgumentParser) -> None:
+    """How the adapter saw the base: shared by run/demo and verify (a pre-quantized base sets the 4-bit ones itself)."""
+    B = argparse.BooleanOptionalAction
+    p.add_argument("--merge-into", help="nf4 (default): the 4-bit weights a QLoRA adapter was trained on; original: the 16-bit weights (a plain LoRA)")
+    p.add_argument("--quant-type", help="training-time bnb_4bit_quant_type (default nf4)")
+    p.add_argument("--double-quant", action=B, help="training-time bnb_4bit_use_double_quant (default on)")
+    p.add_argument("--nf4-blocksize", type=int, help="training-time bitsandbytes blocksize (default 64)")
+    p.add_argument("--compute-dtype", help="training-time bnb_4bit_compute_dtype (default bfloat16)")
+    p.add_argument("--quant-storage", help="training-time bnb_4bit_quant_storage (default uint8)")
+    p.add_argument("--skip-modules", help="comma-separated llm_int8_skip_modules of the training load")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--trust-remote-code", action=B, help="run a model's own code from its repository (off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     demo = sub.add_parser("demo", help="the whole pipeline offline on the embedded SmolLM2-135M-Instruct")
     _add_run_options(demo)
+    verify = sub.add_parser("verify", help="check DIR/merged against PEFT's own merge and the unmerged model's logits (exit 4 if it differs)")
+    verify.add_argument("merged", type=Path, help="the merged checkpoint, e.g. DIR/merged")
+    verify.add_argument("--base", required=True, help="the base it was merged from: local HF directory or hub id")
+    verify.add_argument("--adapter", required=True, action="append", help="the adapter it was merged with: local PEFT directory or hub id, DIR:WEIGHT; repeated for a mix")
+    _add_base_options(verify)
+    verify.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
+    verify.add_argument("--verbose", action="store_true")
     push = sub.add_parser("push", help="upload a GPTQ (or merged) checkpoint to the Hugging Face hub")
     push.add_argument("directory", type=Path, help="DIR/gptq or DIR/merged")
     push.add_argument("repo_id", help="hub repository, e.g. my-org/model-GPTQ")
@@ -118,6 +134,8 @@ def _dispatch(args: argparse.Namespace) -> dict:
         return result
     from qmerge import api
 
+    if args.command == "verify":
+        return _verify(args)
     if args.command == "push":
         url = api.push(args.directory, args.repo_id, private=args.private)
         print(f"[qmerge] pushed {args.directory} to {url}", file=sys.stderr)
@@ -129,6 +147,21 @@ def _dispatch(args: argparse.Namespace) -> dict:
         base, adapter = demo.prepare_inputs(echo=True)
         values.update(base=str(base), adapter=str(adapter))
     result = api.run(overwrite=args.overwrite, resume=args.resume, verbose=args.verbose, progress=True, **values)
+    return result.summary()
+
+
+def _verify(args: argparse.Namespace) -> dict:
+    """The worst modules on stdout, the verdict as the summary; a failure raises VerifyError (exit 4)."""
+    from qmerge import api, recipe
+    from qmerge.verify import raise_if_failed
+
+    values = recipe.split_lists({k: v for k, v in vars(args).items() if k in recipe.KEYS and v is not None})
+    result = api.verify(args.merged, **values)
+    print("worst modules (error / rounding tolerance of the stored dtype):")
+    for m in result.modules[:5]:
+        print(f"  {m.key}: max abs err {m.max_abs_err:.3g}, max rel err {m.max_rel_err:.3g}, {m.of_tolerance:.3g} of tolerance")
+    raise_if_failed(result)
+    print(f"[qmerge] {result.line()}", file=sys.stderr)
     return result.summary()
 
 
@@ -148,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             failed = [f"{k} {b['value']:.4g} > {b['limit']:.4g}" for k, b in summary["budgets"].items() if not b["ok"]]
             print(f"qmerge: quality budget failed: {'; '.join(failed)}", file=sys.stderr)
             status = EXIT_BUDGET
+    except VerifyError as e:
+        print(f"qmerge: {e}", file=sys.stderr)
+        status, summary = EXIT_VERIFY_FAILED, {"error": str(e)}
     except QmergeError as e:
         print(f"qmerge: error: {e}", file=sys.stderr)
         status, summary = EXIT_BAD_INPUT, {"error": str(e)}

@@ -22,56 +22,22 @@ from transformers import AutoModelForCausalLM
 from qmerge.adapter import Mix, peft_model
 from qmerge.edits import apply_to_model
 from qmerge.metrics import kld_histogram, log_probs, per_window, summarize, token_stats
-from qmerge.nf4 import bnb_config, torch_dtype
+from qmerge.nf4 import load_base, torch_dtype
 from qmerge.settings import NF4Settings
 
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
 
 
-def load_4bit_base(base_dir: Path, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
-    """The base as the training run loaded it (bitsandbytes 4-bit), computing in float32."""
-    import bitsandbytes as bnb
-
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=torch.float32, quantization_config=bnb_config(nf4, compute_dtype="float32"), device_map={"": device},
-        trust_remote_code=trust_remote_code,
-    )
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight at the first forward and then
-            # computes in bf16 whatever compute_dtype says; keep the float32 path the metrics assume.
-            module.support_avx512bf16_for_cpu = False
-    return model
-
-
-def load_reference(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
-    """Base quantized by bitsandbytes at load + the adapters, unmerged: the model as trained."""
-    return peft_model(load_4bit_base(base_dir, nf4, device, trust_remote_code), mix).eval()
+def load_reference(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False, kind: str = "qlora"):
+    """Base as the adapter saw it (qlora: quantized by bitsandbytes at load, or pre-quantized; lora:
+    16-bit) + the adapters, unmerged: the model as trained."""
+    return peft_model(load_base(base_dir, nf4, device, kind, trust_remote_code), mix).eval()
 
 
 def load_peft_nf4(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False):
     """PEFT's own merge on the 4-bit model (merge_and_unload): dequantize, add the delta, and re-round
     the sum to NF4, a second rounding the adapter never saw."""
     return load_reference(base_dir, mix, nf4, device, trust_remote_code).merge_and_unload().eval()
-
-
-@torch.no_grad()
-def dequantized(model: torch.nn.Module) -> torch.nn.Module:
-    """Every bitsandbytes 4-bit layer replaced by a float32 nn.Linear of its dequantized weight: the
-    same function as bitsandbytes' float32 path, without dequantizing at every forward (several times
-    faster on CPU)."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device)
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.float())
-            model.set_submodule(name, linear)
-    return model
 
 
 def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
@@ -91,7 +57,7 @@ def load_baseline(kind: str, base_dir: Path, mix: Mix, device: torch.device, tru
     """Built in memory: "original" adds the adapter to the original 16-bit weights (what most merge
     tools do), rounded to `store_dtype` as a merged checkpoint stores it; "base" is the base model
     without the adapter (context: how far the fine-tune itself moved the model)."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code)
+    model = load_base(base_dir, None, device, "lora", trust_remote_code)  # a pre-quantized base has no "original" row
     if kind == "original":
         apply_to_model(model, mix, device)
         if store_dtype is not None:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qmerge.adapter import Adapter, Mix, check_fits
-from qmerge.checkpoint import LazyCheckpoint
+from qmerge.nf4 import Source
 from qmerge.errors import QmergeError
 from qmerge.lora import F32, Edit, Replace, TokenRows
 
@@ -89,8 +89,8 @@ class Edits:
         return own
 
 
-def build_edits(mix: Mix, config, base: LazyCheckpoint, trust_remote_code: bool = False) -> Edits:
-    """Edits for a merge into `base`, validated first: every adapter fits the base, and only adapters
+def build_edits(mix: Mix, config, base: Source, trust_remote_code: bool = False) -> Edits:
+    """Edits for a merge into `base` (its tensors as the adapter saw them: qmerge.nf4.as_trained), validated first: every adapter fits the base, and only adapters
     that add deltas are weighted or mixed (DoRA's norm, replaced tensors and token rows are not linear).
     The returned Edits' mix is the one to merge and to build baselines from (saved copies of base
     tensors dropped)."""
@@ -111,7 +111,7 @@ def build_edits(mix: Mix, config, base: LazyCheckpoint, trust_remote_code: bool 
     return Edits(mix, tie)
 
 
-def _without_copies(adapter: Adapter, base: LazyCheckpoint, aliases: dict[str, str]) -> Adapter:
+def _without_copies(adapter: Adapter, base: Source, aliases: dict[str, str]) -> Adapter:
     """PEFT saves an embedding layer it puts LoRA on whole (`base_layer.weight`), in case the vocabulary
     was resized; a copy equal to the base's tensor changes nothing, and dropping it lets such adapters
     be weighted and mixed."""

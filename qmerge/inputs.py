@@ -33,16 +33,30 @@ def resolve(spec: str, what: str) -> Path:
 
 
 def load_base_config(base: Path, trust_remote_code: bool = False):
-    """The base's transformers config; pre-quantized or remote-code bases are refused here."""
+    """The base's transformers config. A bitsandbytes 4-bit checkpoint is a valid base (QLoRA loads it
+    as stored); any other quantization (GPTQ, AWQ, bitsandbytes 8-bit, ...) is not what a QLoRA
+    adapter was trained on and is refused here, as is remote code without trust_remote_code."""
     if not (base / "config.json").exists():
         raise QmergeError(f"{base} has no config.json; pass a Hugging Face model directory")
     raw = json.loads((base / "config.json").read_text())
     if raw.get("auto_map") and not trust_remote_code:
         raise QmergeError(f"{base} needs remote code (auto_map in config.json); pass --trust-remote-code if you trust it")
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise QmergeError(f"{base} is already quantized ({method}); pass the bf16/fp16 base the adapter's bnb load started from")
+    quantization = raw.get("quantization_config")
+    if quantization:
+        method = quantization_method(quantization)
+        if method != "bitsandbytes 4-bit":
+            raise QmergeError(f"{base} is already quantized ({method}); pass the bf16/fp16 base or the bitsandbytes 4-bit checkpoint the adapter was trained on")
     return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+
+
+def quantization_method(quantization_config: dict) -> str:
+    """A config's quantization in words: bitsandbytes 4-bit, bitsandbytes 8-bit, or its quant_method."""
+    method = str(quantization_config.get("quant_method", "unknown method"))
+    if method == "bitsandbytes":
+        if quantization_config.get("load_in_4bit") or quantization_config.get("_load_in_4bit"):
+            return "bitsandbytes 4-bit"
+        return "bitsandbytes 8-bit" if quantization_config.get("load_in_8bit") or quantization_config.get("_load_in_8bit") else "bitsandbytes, neither 4- nor 8-bit"
+    return method
 
 
 def tree_sha256(directory: Path) -> str:

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qmerge.edits import build_edits
 from qmerge.adapter import Adapter, Mix, Weighted
-from qmerge.checkpoint import INDEX_NAME, LazyCheckpoint, ShardWriter
+from qmerge.checkpoint import INDEX_NAME, ShardWriter
+from qmerge.edits import build_edits
 from qmerge.lora import LoraDelta
-from qmerge.nf4 import quantized_linear_names, round_trip, torch_dtype
+from qmerge.nf4 import as_trained, torch_dtype
 from qmerge.settings import NF4Settings
 
 _WEIGHT_FILES = ("*.safetensors", INDEX_NAME, "*.bin", "*.pt", "*.pth", "*.gguf")
@@ -26,7 +26,7 @@ _WEIGHT_FILES = ("*.safetensors", INDEX_NAME, "*.bin", "*.pt", "*.pth", "*.gguf"
 
 @dataclass(frozen=True)
 class MergeResult:
-    nf4_modules: int  # linear layers replaced by their NF4 round trip
+    nf4_modules: int  # linear layers read as their 4-bit values (round trip, or stored codes dequantized)
     lora_modules: int  # layers that received a LoRA delta
     tensors: int
     untied_embeddings: bool = False  # lm_head written on its own: the edits made it differ from the tied embedding
@@ -48,23 +48,21 @@ def merge(
 
     into="nf4": the weights the adapter was trained against (qmerge's default);
     into="original": the 16-bit weights, as PEFT on fp16 / unsloth / LLaMA-Factory merge.
-    adapter: one adapter, a mix of weighted adapters (Σ weight·Δ), or None for the base's NF4 round trip alone.
+    A pre-quantized bitsandbytes 4-bit base is read from its stored tensors (into="nf4" only).
+    adapter: one adapter, a mix of weighted adapters (Σ weight·Δ), or None for the base's 4-bit weights alone.
     """
     from qmerge.inputs import load_base_config
 
     config = load_base_config(base_dir, trust_remote_code)
-    base = LazyCheckpoint.open(base_dir, allow_pickle)
+    source = as_trained(base_dir, config, nf4, into, allow_pickle, trust_remote_code)
     mix = (Weighted(adapter),) if isinstance(adapter, Adapter) else adapter or ()
-    edits = build_edits(mix, config, base, trust_remote_code)
-    quantized = {f"{n}.weight" for n in quantized_linear_names(config, nf4, trust_remote_code)} if into == "nf4" else set()
+    edits = build_edits(mix, config, source, trust_remote_code)
     out_dtype = torch_dtype(dtype)
     writer = ShardWriter(out_dir)
-    keys = base.keys()
+    keys = source.keys()
     # disable=None: no bar when stderr is not a terminal, so logs and errors stay one line each
     for key in tqdm(keys, desc="merge", unit="tensor", disable=None if show_progress else True, leave=False):
-        tensor = base.get(key)
-        if key in quantized:
-            tensor = round_trip(tensor, nf4, device)
+        tensor = source.get(key, device)
         writer.add(key, _stored(edits.apply(key, tensor, device), out_dtype))
     for key, tensor in edits.extra_tensors():
         writer.add(key, _stored(tensor, out_dtype))
@@ -72,7 +70,7 @@ def merge(
     if edits.untied:
         config.tie_word_embeddings = False
     _write_metadata(base_dir, out_dir, config, dtype)
-    return MergeResult(len(quantized), edits.count(LoraDelta), len(keys), edits.untied)
+    return MergeResult(len(source.quantized), edits.count(LoraDelta), len(keys), edits.untied)
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

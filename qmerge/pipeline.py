@@ -14,7 +14,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,15 +22,16 @@ from transformers import AutoTokenizer
 
 from qmerge import __version__, candidates, card, data, drift, recipe, report
 from qmerge.adapter import Mix, load_mix
-from qmerge.checkpoint import LazyCheckpoint
 from qmerge.edits import build_edits
 from qmerge.errors import QmergeError
 from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
-from qmerge.nf4 import quantized_linear_names
+from qmerge.nf4 import REFERENCES, Prequantized, as_trained, effective_settings, quantized_linear_names, reference_kind
 from qmerge.quantize import check_group_size, check_target, quantize, read_quant_log, servers
 from qmerge.stages import StageStore, key_of
-from qmerge.settings import RunSettings
+from qmerge.settings import NF4Settings, RunSettings
+from qmerge.verify import SEQUENCES, raise_if_failed, verify
+
 
 
 def pick_device(name: str) -> torch.device:
@@ -90,6 +91,8 @@ class Prepared:
     calibration: torch.Tensor
     evaluations: tuple[EvalSet, ...]
     linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer that gets quantized
+    nf4: NF4Settings  # the run's 4-bit settings: the user's, or a pre-quantized base's own
+    prequantized: bool  # the base is a bitsandbytes 4-bit checkpoint (no 16-bit weights)
 
     @property
     def in_features(self) -> set[int]:
@@ -105,9 +108,10 @@ def prepare(settings: RunSettings) -> Prepared:
     remote = settings.trust_remote_code
     config = load_base_config(base_dir, remote)
     mix = load_mix(settings.adapter, settings.allow_pickle)
-    base = LazyCheckpoint.open(base_dir, settings.allow_pickle)
-    mix = build_edits(mix, config, base, remote).mix
-    shapes = {n: tuple(base.shape(f"{n}.weight")) for n in quantized_linear_names(config, settings.nf4, remote)}
+    source = as_trained(base_dir, config, settings.nf4, settings.merge_into, settings.allow_pickle, remote)
+    nf4 = effective_settings(config, source, settings.nf4, settings.nf4_given)
+    mix = build_edits(mix, config, source, remote).mix
+    shapes = {n: tuple(source.shape(f"{n}.weight")) for n in quantized_linear_names(config, nf4, remote)}
     in_features = {shape[1] for shape in shapes.values()}
     if not settings.skip_gptq:
         check_group_size(shapes, settings.gptq)
@@ -123,7 +127,20 @@ def prepare(settings: RunSettings) -> Prepared:
         windows = data.windows(name, "eval", tokenizer, d.seq_len, d.eval_samples)
         overlap = data.check_disjoint(calibration, windows, name, allow=d.allow_overlap)
         evaluations.append(EvalSet(name, windows, data.scored_bytes(windows, tokenizer), overlap))
-    return Prepared(base_dir, mix, device, calibration, tuple(evaluations), shapes)
+    return Prepared(base_dir, mix, device, calibration, tuple(evaluations), shapes, nf4, isinstance(source, Prequantized))
+
+
+def effective(settings: RunSettings, p: Prepared) -> RunSettings:
+    """The settings the run really uses: a pre-quantized base's own 4-bit settings, and no rows that
+    cannot be built or would repeat another: a pre-quantized base has no 16-bit weights ("original",
+    "gptq-original"); with --merge-into original the merged candidate is that merge itself, and there
+    is no 4-bit model for PEFT's 4-bit merge."""
+    drop = set()
+    if p.prequantized or settings.merge_into == "original":
+        drop |= {"original", "gptq-original"}
+    if settings.merge_into == "original":
+        drop.add("peft-nf4")
+    return replace(settings, nf4=p.nf4, candidates=tuple(k for k in settings.candidates if k not in drop))
 
 
 def check_vocabulary(adapter_dir: Path, config, trust_remote_code: bool) -> None:
@@ -152,6 +169,10 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     settings.resume a stage whose manifest verifies against the current inputs and settings is reused."""
     torch.manual_seed(settings.seed)
     p = prepare(settings)
+    settings = effective(settings, p)
+    ref_kind = reference_kind(settings.merge_into)
+    # the noise floor toggles the reference's 4-bit layers to the training compute dtype: a plain LoRA's has none
+    floor_dtype = settings.nf4.compute_dtype if ref_kind == "qlora" else "float32"
     out = Path(settings.out).resolve()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,9 +208,13 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
                     show_progress=echo, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
                 )
                 info.update(asdict(result))
+                check = verify(tmp, p.base_dir, p.mix, settings.nf4, p.device, reference_kind(into), p.evaluations[0].windows[:SEQUENCES], settings.trust_remote_code)
+                info["verify"] = check.summary()
+                if echo:
+                    print(f"[qmerge] {name}: {check.line()}", flush=True)
+                raise_if_failed(check)
 
-            target = {} if into == "nf4" else {"into": into}
-            return stage(name, dict(base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, **target, **common), build)
+            return stage(name, dict(base=base_sha, adapter=adapter_sha, dtype=settings.merged_dtype, into=into, **common), build)
 
         def gptq_stage(name: str, source: str, source_key: str) -> str:
             parts = dict(merged=source_key, gptq=asdict(settings.gptq), calibration=calibration_key, seed=settings.seed, **common)
@@ -197,7 +222,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
 
         kinds = settings.evaluated
         calibration_key = key_of(windows=sorted(data.window_hashes(p.calibration)))
-        merged_key = merged_stage("merged", "nf4")
+        merged_key = merged_stage("merged", settings.merge_into)
         gptq_keys = {}
         if "gptq" in kinds:
             gptq_keys["gptq"] = gptq_stage("gptq", "merged", merged_key)
@@ -208,15 +233,15 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
         )
 
         def build_drift(tmp: Path, info: dict) -> None:
-            reference = drift.load_reference(p.base_dir, p.mix, settings.nf4, p.device, settings.trust_remote_code)
+            reference = drift.load_reference(p.base_dir, p.mix, settings.nf4, p.device, settings.trust_remote_code, ref_kind)
             models, rows = {}, {}
             for kind in kinds:
-                name = candidates.display_name(kind, settings.gptq)
+                name = candidates.display_name(kind, settings.gptq, settings.merge_into)
                 models[name], layout = candidates.build(kind, src)
                 rows[name] = candidates.describe(kind, layout, src)
-            if settings.nf4.compute_dtype != "float32":
+            if floor_dtype != "float32":
                 rows[drift.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
-            evaluations = [evaluate_set(e, reference, models, settings, echo) for e in p.evaluations]
+            evaluations = [evaluate_set(e, reference, models, settings.data.seq_len, floor_dtype, echo) for e in p.evaluations]
             (tmp / "candidates.json").write_text(json.dumps(rows, indent=2))
             (tmp / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
 
@@ -227,21 +252,24 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind
         raise
     evaluations = json.loads((out / "drift" / "evaluations.json").read_text())
-    final = candidates.display_name(settings.final_kind, settings.gptq)
+    final = candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into)
     rep = {
         "schema_version": report.SCHEMA_VERSION,
         "inputs": {
-            "base": {"spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": base_sha},
+            "base": {
+                "spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": base_sha,
+                "prequantized": p.prequantized,
+            },
             "adapter": adapter_inputs,
             "calibration_windows": len(p.calibration),
             "eval_windows": len(p.evaluations[0].windows),
         },
         "settings": settings.to_dict(),
+        "reference": {"name": REFERENCES[ref_kind], "kind": ref_kind},
         "versions": report.library_versions(),
         "device": report.device_info(p.device),
         "merge": infos["merged"],
         "stages": stages.records,
-        "reference": {"name": report.REFERENCE, "kind": "qlora"},
         "candidates": json.loads((out / "drift" / "candidates.json").read_text()),
         "evaluations": evaluations,
         "final": final,
@@ -263,14 +291,14 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     return rep
 
 
-def evaluate_set(e: EvalSet, reference: torch.nn.Module, models: dict[str, torch.nn.Module], settings: RunSettings, echo: bool) -> dict:
+def evaluate_set(e: EvalSet, reference: torch.nn.Module, models: dict[str, torch.nn.Module], seq_len: int, floor_dtype: str, echo: bool) -> dict:
     """One eval set's section of report.json (schema v2): its token stream and every candidate's drift on it."""
-    result = drift.evaluate(reference, models, e.windows, settings.nf4.compute_dtype, show_progress=echo, scored_bytes=e.scored_bytes)
+    result = drift.evaluate(reference, models, e.windows, floor_dtype, show_progress=echo, scored_bytes=e.scored_bytes)
     first = next(iter(result["metrics"].values()))
     return {
         "eval": e.name,
         "windows": len(e.windows),
-        "seq_len": settings.data.seq_len,
+        "seq_len": seq_len,
         "tokens": first["tokens"],
         "scored_bytes": e.scored_bytes,
         "windows_sha256": data.stream_sha256(e.windows),

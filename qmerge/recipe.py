@@ -29,6 +29,7 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "adapter": (None, "adapter"),
     "out": (None, "out"),
     "merged_dtype": (None, "merged_dtype"),
+    "merge_into": (None, "merge_into"),
     "device": (None, "device"),
     "seed": (None, "seed"),
     "skip_gptq": (None, "skip_gptq"),
@@ -113,12 +114,26 @@ def to_settings(values: dict, overwrite: bool = False, resume: bool = False) -> 
         sections[section][name] = tuple(sections[section][name] or ())
     top = sections[None]
     top["out"] = Path(top["out"])
+    nf4_given = given_nf4(values)
     try:
         return RunSettings(
-            **top, overwrite=overwrite, resume=resume, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
+            **top, overwrite=overwrite, resume=resume, nf4_given=nf4_given, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
         )
     except TypeError as e:
         raise QmergeError(f"a setting has the wrong type ({e}); check the recipe") from e
+
+
+def given_nf4(values: dict) -> tuple[str, ...]:
+    """The NF4Settings fields set in flat `values` (a pre-quantized base refuses them when they disagree)."""
+    return tuple(name for key, (section, name) in KEYS.items() if section == "nf4" and values.get(key) is not None)
+
+
+def nf4_settings(values: dict) -> NF4Settings:
+    """NF4Settings from flat values (recipe keys), defaults for the rest."""
+    given = {name: values[key] for key, (section, name) in KEYS.items() if section == "nf4" and values.get(key) is not None}
+    if "skip_modules" in given:
+        given["skip_modules"] = tuple(given["skip_modules"])
+    return NF4Settings(**given)
 
 
 def resolved(settings: RunSettings) -> dict:

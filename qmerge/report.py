@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 SCHEMA_VERSION = 2
-REFERENCE = "reference (QLoRA as trained)"
 LIBRARIES = ("qmerge", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "optimum", "safetensors", "accelerate")
 
 
@@ -116,6 +115,40 @@ def _evaluation_section(report: dict, index: int) -> str:
 {detail_table(report, index)}"""
 
 
+def merged_into(report: dict) -> str:
+    """How the merge was made: into the 4-bit weights as trained (of a 16-bit or a pre-quantized base), or the 16-bit ones."""
+    if report["settings"].get("merge_into", "nf4") == "original":
+        return ("merged into the original 16-bit weights (`--merge-into original`: a plain LoRA, or the merge "
+                "PEFT-on-fp16, unsloth and LLaMA-Factory make)")
+    n = report["settings"]["nf4"]
+    settings = f"bitsandbytes {n['quant_type']}, double quant {n['double_quant']}, blocksize {n['blocksize']}"
+    if report["inputs"]["base"].get("prequantized"):
+        return (f"merged into the 4-bit weights stored in this pre-quantized checkpoint ({settings}: the weights the "
+                "adapter was trained against; it holds no 16-bit weights, so the report has no \"merged into original\" row)")
+    return f"merged into the NF4 round trip of the base (the weights the adapter was trained against: {settings})"
+
+
+def reference_words(report: dict) -> str:
+    n = report["settings"]["nf4"]
+    if report.get("reference", {}).get("kind") == "lora":
+        return "the 16-bit base (a plain LoRA: no 4-bit load)"
+    how = "stored pre-quantized by bitsandbytes" if report["inputs"]["base"].get("prequantized") else "loaded in 4-bit by bitsandbytes"
+    return f"base {how} ({n['quant_type']}, double quant {n['double_quant']}, blocksize {n['blocksize']})"
+
+
+def verified(report: dict) -> str:
+    """The merge stage's check against PEFT's own merge and logits (qmerge.verify), when it ran."""
+    v = report.get("merge", {}).get("verify")
+    if not v:
+        return ""
+    worst = v["worst"][0] if v["worst"] else {"key": "-", "max_rel_err": 0.0}
+    return (
+        f"\nVerified: every merged tensor equals PEFT's merge of the adapter into the base as trained within {v['merged_dtype']} "
+        f"rounding (worst `{worst['key']}`, max rel err {worst['max_rel_err']:.3g}), and the mean KLD to the unmerged "
+        f"model is {v['kld_mean']:.3g} (limit {v['kld_limit']:.0e}) on {v['sequences']} sequences.\n"
+    )
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     stages = "\n".join(
@@ -125,15 +158,13 @@ def markdown(report: dict) -> str:
     sections = "\n".join(_evaluation_section(report, i) for i in range(len(report["evaluations"])))
     return f"""# qmerge report
 
-Base `{report['inputs']['base']['path']}` + adapter `{report['inputs']['adapter']['path']}`, merged into the
-NF4 round trip of the base (the weights the adapter was trained against), then GPTQ
+Base `{report['inputs']['base']['path']}` + adapter `{report['inputs']['adapter']['path']}`, {merged_into(report)}, then GPTQ
 {s['gptq']['bits']}-bit, group {s['gptq']['group_size']}, sym={s['gptq']['sym']}, desc_act={s['gptq']['desc_act']}.
 Final checkpoint (budgets apply to it, on the first eval set): **{report['final']}**.
-
+{verified(report)}
 ## Drift against the model as trained
 
-Reference: base loaded in 4-bit by bitsandbytes ({s['nf4']['quant_type']}, double quant {s['nf4']['double_quant']},
-blocksize {s['nf4']['blocksize']}) with the adapter unmerged (PEFT). All models compute in float32 (each
+Reference: {reference_words(report)} with the adapter unmerged (PEFT). All models compute in float32 (each
 candidate's compute dtype is in report.json). Every position of each window is predicted from the
 window's own prefix. KLD is KL(reference ‖ model). Standard errors are clustered by window; the PPL
 ratio is paired (same tokens). "KLD % of fine-tune" is the mean KLD as a share of the base-without-adapter

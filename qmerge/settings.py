@@ -97,6 +97,7 @@ class RunSettings:
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     data: DataSettings = field(default_factory=DataSettings)
     merged_dtype: str = "bfloat16"
+    merge_into: str = "nf4"  # nf4: the weights as trained (QLoRA); original: the 16-bit weights (a plain LoRA)
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False
@@ -107,6 +108,9 @@ class RunSettings:
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES  # rows of the drift report (--skip-gptq drops those on the GPTQ grid)
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
+    # the nf4 fields the user set (flag or recipe): a pre-quantized base decides the others, and
+    # refuses these when they disagree with it
+    nf4_given: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # one adapter string (the API, recipes, older callers) or a list (recipes, repeated --adapter)
@@ -120,6 +124,8 @@ class RunSettings:
             raise QmergeError("--adapter is required (or set 'adapter:' in the recipe)")
         if self.merged_dtype not in DTYPES:
             raise QmergeError(f"--merged-dtype {self.merged_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if self.merge_into not in ("nf4", "original"):
+            raise QmergeError(f"--merge-into {self.merge_into!r} is unknown; use nf4 (the weights a QLoRA adapter was trained on) or original (a plain LoRA)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise QmergeError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
         unknown = sorted(set(self.candidates) - set(CANDIDATE_KINDS))

@@ -119,8 +119,6 @@ def make_report(evaluations: list[dict], base_path: str = "/models/base", with_g
         "evaluations": evaluations,
         "final": next((n for n in names if KINDS.get(n) == "gptq"), names[0]),
     }
-    if report.SCHEMA_VERSION == 1:  # report.md on a branch before the schema-2 report.py: it reads the v1 key
-        rep["metrics"] = evaluations[0]["metrics"]
     return rep
 
 

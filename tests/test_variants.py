@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import qmerge
 from conftest import make_base, make_qlora_adapter, mean_kld, reference_model
-from qmerge.adapter import Weighted, load_adapter, load_mix, parse_spec
+from qmerge.adapter import load_adapter, load_mix, parse_spec
 from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
 from qmerge.lora import LoraDelta
@@ -243,12 +243,13 @@ def test_cli_weighted_adapters_end_to_end(tiny_base, tmp_path):
     a = make_qlora_adapter(tiny_base, tmp_path / "a", target_modules=["q_proj", "v_proj"], seed=1)
     b = make_qlora_adapter(tiny_base, tmp_path / "b", seed=2)
     out = tmp_path / "out"
-    args = ["--base", str(tiny_base), "--skip-gptq", "--seq-len", "64", "--eval-samples", "4", "--baselines", "original"]
+    args = ["--base", str(tiny_base), "--skip-gptq", "--seq-len", "64", "--eval-samples", "4", "--candidates", "merged,original"]
     result = subprocess.run([sys.executable, "-m", "qmerge.cli", "run", *args, "--adapter", f"{a}:0.7", "--adapter", f"{b}:0.3", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
-    merged = rep["metrics"]["merged (NF4 base + adapter)"]["kld_mean"]
-    original = rep["metrics"]["merged into original 16-bit base (PEFT fp16, unsloth, LLaMA-Factory)"]["kld_mean"]
+    metrics = rep["evaluations"][0]["metrics"]
+    merged = metrics["merged (NF4 base + adapter)"]["kld_mean"]
+    original = metrics["merged into original 16-bit base (PEFT fp16, unsloth, LLaMA-Factory)"]["kld_mean"]
     assert merged <= KLD_TOL and original > 100 * merged, (merged, original)
     parts = rep["inputs"]["adapter"]["parts"]
     assert [p["weight"] for p in parts] == [0.7, 0.3] and rep["settings"]["adapter"] == [f"{a}:0.7", f"{b}:0.3"]

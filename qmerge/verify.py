@@ -1,0 +1,148 @@
+"""`qmerge verify`: is DIR/merged really base-as-trained + adapter? Checked against a recomputation
+that shares no code with qmerge's merge: transformers loads the base the way the adapter saw it
+(bitsandbytes' real Linear4bit weights, dequantized, for QLoRA; the 16-bit weights for a plain
+LoRA), PEFT merges the adapter into a float32 copy with its own merge_and_unload (so every LoRA
+variant PEFT knows is covered), and PEFT's unmerged model scores a few sequences against DIR/merged.
+
+Tolerances come from the merged dtype: each stored weight may differ from the exact float32 value by
+its rounding (half an ulp: 2^-8 relative for bf16, 2^-11 for fp16, 2^-24 for float32) plus a tiny
+absolute term for float32 arithmetic done in another order (a GPU merge against this CPU check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from qmerge.checkpoint import LazyCheckpoint
+from qmerge.errors import VerifyError
+from qmerge.adapter import Mix, peft_model
+from qmerge.drift import load_reference
+from qmerge.nf4 import dequantized, load_base
+from qmerge.settings import NF4Settings
+
+_HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+_ABS = 2.0**-20  # × the tensor's largest magnitude: float32 sums in another order
+KLD_LIMIT = {torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float32: 1e-5}  # mean KLD vs the unmerged model
+SEQUENCES, SEQ_LEN = 4, 128
+
+
+@dataclass(frozen=True)
+class ModuleCheck:
+    key: str
+    max_abs_err: float
+    max_rel_err: float  # |merged − expected| / |expected| over the non-zero expected values
+    of_tolerance: float  # the worst element's error over its tolerance: ≤ 1 passes
+
+
+@dataclass(frozen=True)
+class Verification:
+    modules: list[ModuleCheck]  # worst first
+    kld_mean: float
+    kld_limit: float
+    sequences: int
+    rel_tol: float
+    merged_dtype: str
+
+    @property
+    def ok(self) -> bool:
+        return all(m.of_tolerance <= 1 for m in self.modules) and self.kld_mean <= self.kld_limit
+
+    def line(self) -> str:
+        """One line: the verdict, the worst module and its numbers, and the logits check."""
+        w = self.modules[0]
+        verdict = "ok" if self.ok else "FAILED"
+        return (
+            f"verify {verdict}: worst {w.key} max abs err {w.max_abs_err:.3g}, max rel err {w.max_rel_err:.3g} "
+            f"({w.of_tolerance:.3g} of the {self.merged_dtype} rounding tolerance, rel {self.rel_tol:.3g}); "
+            f"mean KLD vs the unmerged model {self.kld_mean:.3g} (limit {self.kld_limit:.0e}) on {self.sequences} sequences"
+        )
+
+    def summary(self, worst: int = 5) -> dict:
+        """What the report keeps: the verdict, the limits and the worst modules."""
+        return {
+            "ok": self.ok, "modules": len(self.modules), "merged_dtype": self.merged_dtype, "rel_tol": self.rel_tol,
+            "kld_mean": self.kld_mean, "kld_limit": self.kld_limit, "sequences": self.sequences,
+            "worst": [asdict(m) for m in self.modules[:worst]],
+        }
+
+
+def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, kind: str = "qlora",
+           windows: torch.Tensor | None = None, trust_remote_code: bool = False) -> Verification:
+    """Compare DIR/merged with the independent recomputation, per tensor and by logits; returns the
+    numbers whatever they are (raise_if_failed turns a failure into VerifyError)."""
+    merged = LazyCheckpoint.open(merged_dir)
+    expected = _peft_merged(base_dir, mix, nf4, device, kind, trust_remote_code)
+    dtypes: set[torch.dtype] = set()
+    modules = []
+    for key in merged.keys():
+        stored = merged.get(key)
+        dtypes.add(stored.dtype)
+        modules.append(_compare(key, stored, expected.get(key)))
+    modules.sort(key=lambda m: -m.of_tolerance)
+    del expected
+    coarsest = max((d for d in dtypes if d in _HALF_ULP), key=_HALF_ULP.get, default=torch.float32)
+    if windows is None:
+        windows = _sequences(base_dir, trust_remote_code)
+    kld = _logits_kld(merged_dir, base_dir, mix, nf4, device, kind, windows, trust_remote_code)
+    return Verification(modules, kld, KLD_LIMIT[coarsest], len(windows), _HALF_ULP[coarsest], str(coarsest).removeprefix("torch."))
+
+
+def raise_if_failed(result: Verification) -> None:
+    if not result.ok:
+        raise VerifyError(result.line() + "; DIR/merged is not the base as trained + the adapter: rerun the merge, and report a bug if it repeats")
+
+
+def _peft_merged(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, kind: str, trust_remote_code: bool) -> dict[str, torch.Tensor]:
+    """PEFT's merge of the adapters into a float32 copy of the base as the adapter saw it: every
+    bitsandbytes Linear4bit replaced by a plain Linear holding its dequantized weight."""
+    model = dequantized(load_base(base_dir, nf4, device, kind, trust_remote_code))
+    merged = peft_model(model, mix).merge_and_unload()
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def _compare(key: str, stored: torch.Tensor, expected: torch.Tensor | None) -> ModuleCheck:
+    """Errors of one stored tensor against its expected float32 value, and how close to the rounding
+    tolerance of the stored dtype."""
+    if expected is None or tuple(stored.shape) != tuple(expected.shape):
+        return ModuleCheck(key, float("inf"), float("inf"), float("inf"))  # a tensor the recomputation has not, or of another shape
+    if stored.numel() == 0:
+        return ModuleCheck(key, 0.0, 0.0, 0.0)
+    e = expected.to("cpu", torch.float32)
+    err = (stored.float() - e).abs()  # exact for the near-equal values that matter (Sterbenz)
+    if not torch.isfinite(err).all():
+        return ModuleCheck(key, float("inf"), float("inf"), float("inf"))
+    tolerance = _HALF_ULP.get(stored.dtype, 0.0) * e.abs() + _ABS * e.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    nonzero = e != 0
+    rel = (err[nonzero] / e[nonzero].abs()).max().item() if nonzero.any() else 0.0
+    return ModuleCheck(key, err.max().item(), rel, (err / tolerance).max().item())
+
+
+def _sequences(base_dir: Path, trust_remote_code: bool) -> torch.Tensor:
+    """A few eval windows of the built-in text (the stdlib preset), tokenized by the base's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from qmerge import data
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    return data.windows("stdlib", "eval", tokenizer, SEQ_LEN, SEQUENCES)
+
+
+@torch.inference_mode()
+def _logits_kld(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, kind: str,
+                windows: torch.Tensor, trust_remote_code: bool) -> float:
+    """Mean KL(unmerged PEFT model ‖ DIR/merged) per position, both in float32, one window at a time."""
+    from transformers import AutoModelForCausalLM
+
+    ref = load_reference(base_dir, mix, nf4, device, trust_remote_code, kind)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code).eval()
+    total, count = 0.0, 0
+    for window in windows:
+        ids = window[None, :-1].to(device)
+        p = torch.log_softmax(ref(input_ids=ids).logits.double(), -1)
+        q = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+        kld = (p.exp() * (p - q)).sum(-1)
+        total, count = total + kld.sum().item(), count + kld.numel()
+    return total / count

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import reference_model
 from qmerge import data, drift, pipeline, rtn
+from qmerge.adapter import load_mix
 from qmerge.candidates import display_name
 from qmerge.errors import QmergeError
 from qmerge.settings import CANDIDATE_KINDS, DataSettings, GPTQSettings, NF4Settings, RunSettings
@@ -96,7 +97,7 @@ def test_sizes_and_bits_per_weight(run, tiny_base, tiny_adapter, tmp_path):
     assert c["rtn"]["size_bytes"] == c["gptq"]["size_bytes"]
     # PEFT's 4-bit merge as bitsandbytes itself saves it: the same bytes for the linear layers
     saved = tmp_path / "peft-nf4"
-    drift.load_peft_nf4(tiny_base, tiny_adapter, NF4Settings(), torch.device("cpu")).save_pretrained(saved)
+    drift.load_peft_nf4(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu")).save_pretrained(saved)
     from safetensors import safe_open
 
     with safe_open(saved / "model.safetensors", "pt") as f:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from browser import assert_charts_draw, needs_chromium, screenshot
 from conftest import reference_model
 from qmerge import data, drift, pipeline, rtn
 from qmerge.adapter import load_mix
@@ -243,3 +244,13 @@ def test_overlapping_eval_set_is_refused_then_forced(tiny_base, tiny_adapter, tm
 def test_bad_candidate_and_eval_settings(changes, words, tmp_path):
     with pytest.raises(QmergeError, match=words.replace("(", r"\(")):
         RunSettings(base="b", adapter="a", out=tmp_path, **changes).validate()
+
+
+@needs_chromium
+def test_report_html_of_a_real_run_renders_and_draws(run, tmp_path):
+    """The page a run writes (every candidate kind, two eval sets, GPTQ log): no console output in
+    headless Chromium, and every chart draws its series: per eval set the KLD distribution, size vs
+    KLD, PPL and per-layer drift, plus the GPTQ per-module loss."""
+    out, rep = run
+    assert screenshot(out / "report.html", tmp_path / "page.png", 1200, 6000) == []
+    assert assert_charts_draw((out / "report.html").read_text(), tmp_path) == 4 * len(rep["evaluations"]) + 1

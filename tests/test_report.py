@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -22,13 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
+from browser import SVG, assert_charts_draw, needs_chromium, screenshot, svgs
 from qmerge import html, report
 from qmerge.compare import Z_CRITICAL
 from qmerge.metrics import clustered_mean, log_probs, summarize, token_stats
 from qmerge.settings import RunSettings
 
 VOCAB, SEQ, WINDOWS, HIDDEN = 64, 33, 12, 16
-SVG = "{http://www.w3.org/2000/svg}"
 # Linear layers of conftest.TINY (hidden 64, intermediate 128, 4 heads, 2 KV heads, 2 layers), the rest of it.
 TINY_LINEAR = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
 TINY_OTHER = 2 * 512 * 64 + 5 * 64
@@ -132,11 +131,6 @@ def full_report() -> dict:
     return make_report([evaluation("stdlib", 1, noises)[0], evaluation("wikitext2", 2, noises)[0]], base_path="/models/</code><script>alert(1)</script>")
 
 
-def svgs(page: str) -> list[ET.Element]:
-    root = ET.fromstring(page)
-    return list(root.iter(SVG + "svg"))
-
-
 def test_html_self_contained_well_formed_and_escaped(full_report, tmp_path):
     report.write(full_report, tmp_path)
     page = (tmp_path / "report.html").read_text()
@@ -184,21 +178,6 @@ def test_html_without_optional_parts():
 
 # ----- headless Chromium ----------------------------------------------------------------------------
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (scripts/setup.sh installs Debian's chromium when run as root)")
-
-
-def screenshot(page: Path, png: Path, width: int, height: int) -> list[str]:
-    """Render `page` in headless Chromium; returns the console lines (messages, uncaught errors) it logged."""
-    r = subprocess.run(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0", "--force-device-scale-factor=1",
-         "--hide-scrollbars", f"--user-data-dir={png.parent / 'profile'}", f"--screenshot={png}", f"--window-size={width},{height}", page.as_uri()],
-        capture_output=True, text=True, timeout=180,
-    )
-    assert r.returncode == 0 and png.exists(), r.stderr[-2000:]
-    return [line for line in r.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
-
-
 @needs_chromium
 def test_console_errors_are_caught(tmp_path):
     """The scan below sees what a page logs: a page that throws is caught."""
@@ -217,32 +196,9 @@ def test_report_html_renders_without_console_errors(full_report, tmp_path):
     assert (pixels != 255).any(-1).mean() > 0.02  # not a blank page
 
 
-def colour_pixels(crop: np.ndarray, colour: str, tol: int = 8) -> int:
-    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
-    return int((np.abs(crop.astype(int) - rgb).max(-1) <= tol).sum())
-
-
 @needs_chromium
 def test_every_chart_draws_its_series(full_report, tmp_path):
-    """Each chart of the page, stacked alone, screenshotted: inside its plot area, every colour its data
-    group uses shows on at least 15 pixels (a hollow marker's ring: about 25) (legends and labels are outside the area or not coloured)."""
-    rendered = html.render(full_report)
-    charts, parts = svgs(rendered), re.findall(r"<svg .*?</svg>", rendered, re.S)
-    page = tmp_path / "charts.html"
-    page.write_text('<!DOCTYPE html><html><body style="margin:0">' + "".join(f'<div style="height:{s.get("height")}px">{p}</div>' for s, p in zip(charts, parts)) + "</body></html>")
-    png = tmp_path / "charts.png"
-    heights = [int(s.get("height")) for s in charts]
-    assert screenshot(page, png, max(int(s.get("width")) for s in charts), sum(heights)) == []
-    image = np.asarray(Image.open(png).convert("RGB"))
-    top = 0
-    for chart, height in zip(charts, heights):
-        area = next(r for r in chart.iter(SVG + "rect") if r.get("class") == "plot-area")
-        x, y, w, h = (int(float(area.get(k))) for k in ("x", "y", "width", "height"))
-        crop = image[top + y + 1: top + y + h - 1, x + 1: x + w - 1]
-        used = {e.get(a) for e in chart.find(SVG + "g").iter() for a in ("stroke", "fill")} & set(html.PALETTE)
-        counts = {c: colour_pixels(crop, c) for c in used}
-        assert used and min(counts.values()) >= 15, (chart.get("class"), counts)
-        top += height
+    assert assert_charts_draw(html.render(full_report), tmp_path) >= 8
 
 
 # ----- qmerge compare -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ class LazyCheckpoint:
 
     def __init__(self, file_of: dict[str, Path]):
         self._file_of = file_of
+        self._headers: dict[Path, object] = {}  # handles for shapes only: their tensor pages are never touched
 
     @classmethod
     def open(cls, directory: Path, allow_pickle: bool = False) -> "LazyCheckpoint":
@@ -55,8 +56,10 @@ class LazyCheckpoint:
         return list(self._file_of)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        with self._open(self._file_of[key]) as f:
-            return tuple(f.get_slice(key).get_shape())
+        path = self._file_of[key]
+        if path not in self._headers:
+            self._headers[path] = self._open(path)
+        return tuple(self._headers[path].get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
         path = self._file_of[key]
@@ -67,8 +70,11 @@ class LazyCheckpoint:
                 raise QmergeError(f"cannot read {key} from {path}: {e}; re-download or re-save the checkpoint") from e
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, copied out of the file: safetensors hands out tensors backed by a private
+        mapping of the whole file, and a caller keeping thousands of them (an adapter) would keep as
+        many mappings, each counting its pages toward RSS."""
         for key in self._file_of:
-            yield key, self.get(key)
+            yield key, self.get(key).clone()
 
     @staticmethod
     def _open(path: Path):

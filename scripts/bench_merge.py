@@ -34,6 +34,7 @@ SERIES = {
     "tiny": [(256, 2)],
     "depth": [(512, n) for n in (8, 16, 32, 64)],
     "size": [(512, 8), (1024, 12), (1536, 16), (2048, 28)],
+    "1.5B": [(2048, 32)],
 }
 WIDTH[256] = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=1)
 

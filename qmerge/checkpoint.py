@@ -1,5 +1,6 @@
-"""Tensor-by-tensor checkpoint I/O: lazy (memory-mapped) safetensors reading, and HF-style sharded
-writing with an index, so a merge never holds more than one tensor plus one shard buffer.
+"""Tensor-by-tensor checkpoint I/O: lazy safetensors reading, and HF-style sharded writing with an
+index that puts each tensor on disk as it comes, so a merge holds one tensor at a time, whatever
+the model's size (a model larger than host memory merges).
 
 Modelled on mergekit's lazy tensor loader and shard writer.
 """
@@ -8,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from qmerge.errors import QmergeError
 
@@ -25,7 +26,7 @@ class LazyCheckpoint:
 
     def __init__(self, file_of: dict[str, Path]):
         self._file_of = file_of
-        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, object] = {}  # handles for shapes only: their tensor pages are never touched
 
     @classmethod
     def open(cls, directory: Path, allow_pickle: bool = False) -> "LazyCheckpoint":
@@ -55,26 +56,34 @@ class LazyCheckpoint:
         return list(self._file_of)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open(self._file_of[key]).get_slice(key).get_shape())
+        path = self._file_of[key]
+        if path not in self._headers:
+            self._headers[path] = self._open(path)
+        return tuple(self._headers[path].get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
         path = self._file_of[key]
-        try:
-            return self._open(path).get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise QmergeError(f"cannot read {key} from {path}: {e}; re-download or re-save the checkpoint") from e
+        with self._open(path) as f:
+            try:
+                return f.get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise QmergeError(f"cannot read {key} from {path}: {e}; re-download or re-save the checkpoint") from e
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, copied out of the file: safetensors hands out tensors backed by a private
+        mapping of the whole file, and a caller keeping thousands of them (an adapter) would keep as
+        many mappings, each counting its pages toward RSS."""
         for key in self._file_of:
-            yield key, self.get(key)
+            yield key, self.get(key).clone()
 
-    def _open(self, path: Path):
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise QmergeError(f"cannot read {path}: {e}; re-download or re-save the checkpoint") from e
-        return self._handles[path]
+    @staticmethod
+    def _open(path: Path):
+        """A fresh handle per read: safetensors memory-maps the file, and the pages a kept-open handle
+        has read stay in the process's RSS, which would then grow with the model's size."""
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise QmergeError(f"cannot read {path}: {e}; re-download or re-save the checkpoint") from e
 
 
 class PickledCheckpoint(LazyCheckpoint):
@@ -111,30 +120,67 @@ def _read_json(path: Path) -> dict:
         raise QmergeError(f"cannot read {path}: {e}; fix or restore the file") from e
 
 
+# A shard's JSON header is written last, once its tensors are known, into space kept at the front of
+# the file (the safetensors format allows trailing spaces in the header). 64 KiB holds ~600 Llama
+# tensor entries; a shard whose header would outgrow it is closed early, like a full one.
+HEADER_BYTES = 64 * 1024
+
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
 class ShardWriter:
     """Writes tensors into `model-0000i-of-0000n.safetensors` shards of at most `max_shard_bytes`,
-    then renames them to their final HF names and writes the index (or a single model.safetensors)."""
+    then renames them to their final HF names and writes the index (or a single model.safetensors).
 
-    def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024**3):
+    Each tensor goes to disk as it is added (only the shard's header is kept in memory), so host
+    memory stays flat in the model's size: a buffered shard would hold up to `max_shard_bytes`.
+    Written pages are flushed every `sync_bytes`: dirty page cache counts toward a container's
+    memory limit, and a cgroup v1 limit OOM-kills a writer whose dirty pages it cannot write back
+    in time (clean pages it simply reclaims)."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024**3, header_bytes: int = HEADER_BYTES, sync_bytes: int = 64 * 1024**2):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self.header_bytes = header_bytes
+        self.sync_bytes = sync_bytes
+        self._unsynced = 0
+        self._file = None  # the open shard
+        self._header: dict[str, dict] = {}
+        self._header_len = 0  # of the open shard's header as JSON
+        self._offset = 0  # bytes of tensor data in the open shard
         self._shards: list[list[str]] = []
         self._total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[key] = tensor.contiguous()
-        self._buffer_bytes += nbytes
-        self._total_bytes += nbytes
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if self._file is not None and (self._offset + data.nbytes > self.max_shard_bytes or self._header_len + _entry_len(key, tensor, self._offset) > self.header_bytes):
+            self._close()
+        if self._file is None:
+            self._open()
+        entry_len = _entry_len(key, tensor, self._offset)
+        if self._header_len + entry_len > self.header_bytes:
+            raise QmergeError(f"tensor name {key[:60]!r}... is too long for a safetensors shard header; shorten the model's module names")
+        self._header[key] = _entry(tensor, self._offset)
+        self._header_len += entry_len
+        self._file.write(memoryview(data))
+        self._offset += data.nbytes
+        self._total_bytes += data.nbytes
+        self._unsynced += data.nbytes
+        if self._unsynced >= self.sync_bytes:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
 
     def finish(self) -> list[Path]:
-        if self._buffer or not self._shards:
-            self._flush()
+        if self._file is None and not self._shards:
+            self._open()
+        if self._file is not None:
+            self._close()
         n = len(self._shards)
         if n == 1:
             final = [self.directory / "model.safetensors"]
@@ -151,8 +197,29 @@ class ShardWriter:
     def _temp_name(self, i: int) -> Path:
         return self.directory / f".shard-{i:05d}.safetensors.tmp"
 
-    def _flush(self) -> None:
-        save_file(self._buffer, str(self._temp_name(len(self._shards))), metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer = {}
-        self._buffer_bytes = 0
+    def _open(self) -> None:
+        self._file = open(self._temp_name(len(self._shards)), "wb")
+        self._file.seek(8 + self.header_bytes)
+        self._header = {"__metadata__": {"format": "pt"}}
+        self._header_len = len(json.dumps(self._header, separators=(",", ":")))
+        self._offset = 0
+
+    def _close(self) -> None:
+        """Write the header into the space kept for it, padded with spaces as the format allows."""
+        header = json.dumps(self._header, separators=(",", ":")).encode()
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", self.header_bytes) + header.ljust(self.header_bytes, b" "))
+        self._file.close()
+        self._file = None
+        self._shards.append([k for k in self._header if k != "__metadata__"])
+
+
+def _entry(tensor: torch.Tensor, offset: int) -> dict:
+    if tensor.dtype not in _DTYPE_CODES:
+        raise QmergeError(f"cannot write a {tensor.dtype} tensor to safetensors; use --merged-dtype bfloat16, float16 or float32")
+    return {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.numel() * tensor.element_size()]}
+
+
+def _entry_len(key: str, tensor: torch.Tensor, offset: int) -> int:
+    """Bytes the entry adds to the compact JSON header (with its separating comma)."""
+    return len(json.dumps({key: _entry(tensor, offset)}, separators=(",", ":"))) - 1

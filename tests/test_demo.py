@@ -54,7 +54,9 @@ def test_demo_end_to_end(tmp_path, cache):
     assert merged["bits_per_weight"] == 16.0 and 4.31 < gptq["bits_per_weight"] < 4.4 and 4.125 < m["peft-nf4"]["bits_per_weight"] < 4.2
     assert m["peft-nf4"]["size_bytes"] < m["rtn"]["size_bytes"] == gptq["size_bytes"] < merged["size_bytes"]
     assert len(rep["evaluations"][0]["layers"]["gptq 4-bit g64"]) == 30 and len(rep["gptq_log"]) == 210
+    verify = rep["merge"].pop("verify")  # the merge stage's own check against PEFT's merge and logits
     assert rep["merge"] == {"nf4_modules": 210, "lora_modules": 210, "tensors": 272, "untied_embeddings": False}
+    assert verify["ok"] and verify["modules"] == 272 and verify["kld_mean"] <= 1e-3, verify
 
 
 @pytest.mark.slow

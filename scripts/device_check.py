@@ -192,16 +192,27 @@ def merge_7b(work: Path, layers: int) -> None:
     record("7b merge modules (nf4, lora)", [result.nf4_modules, result.lora_modules])
 
 
+def past(deadline: float, check: str) -> bool:
+    """A late check is skipped (and says so) so that the run stays inside the device time it was given."""
+    if time.time() > deadline:
+        record(check, "skipped: not enough time left in this run")
+        return True
+    return False
+
+
+def random_windows(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 32000, (n, 512), generator=torch.Generator().manual_seed(seed))
+
+
 @step
 def gptq_7b(work: Path, deadline: float) -> None:
     """GPTQ of the 7B-shaped merged model on the GPU, 8 random-token windows of 512 (timing only)."""
     from qmerge.quantize import quantize
     from qmerge.settings import GPTQSettings
 
-    if time.time() > deadline:
-        record("gptq 7b", "skipped: not enough time left in this run")
+    if past(deadline, "gptq 7b"):
         return
-    calibration = torch.randint(0, 32000, (8, 512), generator=torch.Generator().manual_seed(0))
+    calibration = random_windows(8, seed=0)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     log = quantize(work / "7b-merged", work / "7b-gptq", calibration, GPTQSettings(), GPU)
@@ -216,10 +227,9 @@ def drift_7b(work: Path, deadline: float) -> None:
     from qmerge import drift
     from qmerge.adapter import load_mix
 
-    if time.time() > deadline:
-        record("drift 7b", "skipped: not enough time left in this run")
+    if past(deadline, "drift 7b"):
         return
-    windows = torch.randint(0, 32000, (4, 512), generator=torch.Generator().manual_seed(1))
+    windows = random_windows(4, seed=1)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     reference = drift.load_reference(work / "7b-base", load_mix((str(work / "7b-adapter"),)), NF4Settings(), GPU)

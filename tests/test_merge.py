@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bitsandbytes as bnb
-import bitsandbytes.functional as F
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -12,18 +11,10 @@ from conftest import mean_kld, reference_model
 from qmerge.adapter import load_adapter
 from qmerge.checkpoint import LazyCheckpoint
 from qmerge.merge import merge
-from qmerge.nf4 import bnb_config, quantized_linear_names, round_trip
+from qmerge.nf4 import bnb_config, held_weight, quantized_linear_names, round_trip
 from qmerge.settings import NF4Settings
 
 CPU = torch.device("cpu")
-
-
-def held_weight(module: bnb.nn.Linear4bit) -> torch.Tensor:
-    """What a Linear4bit computes with, undoing bitsandbytes' CPU repacking if a forward happened."""
-    w, state = module.weight.data, module.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        w, state = F._convert_weight_packed_for_cpu_inverse(w, state)
-    return F.dequantize_4bit(w, state)
 
 
 @pytest.fixture(scope="module")

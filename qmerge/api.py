@@ -10,6 +10,8 @@ returns paths and numbers instead of printing, and raises QmergeError on bad inp
 
 from __future__ import annotations
 
+import functools
+
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -159,9 +161,9 @@ def evaluate(base: str, adapter: str | list[str], candidates: dict[str, str | Pa
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     windows = data.windows(eval, "eval", tokenizer, seq_len, eval_samples)
     reference = drift.load_reference(base_dir, mix, nf4, dev)
-    models = {name: drift.load_candidate(Path(path), dev) for name, path in candidates.items()}
-    result = drift.evaluate(reference, models, windows, nf4.compute_dtype, show_progress=False, scored_bytes=data.scored_bytes(windows, tokenizer))
-    return result["metrics"]
+    models = {name: functools.partial(drift.load_candidate, Path(path), dev) for name, path in candidates.items()}  # loaded one at a time
+    result = drift.evaluate(reference, models, [windows], nf4.compute_dtype, show_progress=False, scored_bytes=[data.scored_bytes(windows, tokenizer)])
+    return result[0]["metrics"]
 
 
 def _specs(adapter: str | list[str]) -> tuple[str, ...]:

@@ -61,9 +61,10 @@ def path_of(kind: str, src: Sources) -> Path | None:
     return src.base_dir if kind == "base" else None
 
 
-def build(kind: str, src: Sources) -> tuple[torch.nn.Module, dict[str, int] | None]:
+def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int] | None]:
     """The model of one candidate (not the noise floor, which is the reference itself) and the bytes
-    per tensor of its checkpoint format (see qmerge.sizes)."""
+    per tensor of its checkpoint format (see qmerge.sizes). `reference` is drift.load_reference's
+    model, which "peft-nf4" copies (it is a QLoRA reference whenever that row exists)."""
     remote = src.trust_remote_code
     if kind in STAGE_DIRS:
         path = path_of(kind, src)
@@ -76,7 +77,7 @@ def build(kind: str, src: Sources) -> tuple[torch.nn.Module, dict[str, int] | No
         model = rtn.apply(drift.load_candidate(src.out / "merged", src.device, remote), linears, src.gptq)
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
-        model = drift.load_peft_nf4(src.base_dir, src.mix, src.nf4, src.device, remote)
+        model = drift.peft_nf4(reference)
         layout = sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
         return nf4.dequantized(model), layout
     model = drift.load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)

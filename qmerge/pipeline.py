@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
 from qmerge.nf4 import REFERENCES, Prequantized, as_trained, effective_settings, quantized_linear_names, reference_kind
 from qmerge.quantize import check_group_size, check_target, quantize, read_quant_log, servers
+from qmerge.rss import PeakRSS
 from qmerge.stages import StageStore, key_of
 from qmerge.settings import NF4Settings, RunSettings
 from qmerge.verify import SEQUENCES, raise_if_failed, verify
@@ -64,8 +64,9 @@ class Stages:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        yield
-        rec = {"wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        with PeakRSS() as peak:
+            yield
+        rec = {"wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak.mb}
         if self.device.type == "cuda":
             rec["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
         self.records[name] = rec
@@ -234,14 +235,24 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
 
         def build_drift(tmp: Path, info: dict) -> None:
             reference = drift.load_reference(p.base_dir, p.mix, settings.nf4, p.device, settings.trust_remote_code, ref_kind)
-            models, rows = {}, {}
-            for kind in kinds:
-                name = candidates.display_name(kind, settings.gptq, settings.merge_into)
-                models[name], layout = candidates.build(kind, src)
-                rows[name] = candidates.describe(kind, layout, src)
+            rows = {}
+
+            def builder(kind: str, name: str) -> drift.Build:
+                def build() -> torch.nn.Module:
+                    model, layout = candidates.build(kind, src, reference)
+                    rows[name] = candidates.describe(kind, layout, src)
+                    return model
+
+                return build
+
+            names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
+            results = drift.evaluate(
+                reference, {name: builder(kind, name) for kind, name in names.items()}, [e.windows for e in p.evaluations], floor_dtype,
+                show_progress=echo, scored_bytes=[e.scored_bytes for e in p.evaluations],
+            )
             if floor_dtype != "float32":
                 rows[drift.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
-            evaluations = [evaluate_set(e, reference, models, settings.data.seq_len, floor_dtype, echo) for e in p.evaluations]
+            evaluations = [eval_section(e, r, settings.data.seq_len) for e, r in zip(p.evaluations, results)]
             (tmp / "candidates.json").write_text(json.dumps(rows, indent=2))
             (tmp / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
 
@@ -291,9 +302,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     return rep
 
 
-def evaluate_set(e: EvalSet, reference: torch.nn.Module, models: dict[str, torch.nn.Module], seq_len: int, floor_dtype: str, echo: bool) -> dict:
+def eval_section(e: EvalSet, result: dict, seq_len: int) -> dict:
     """One eval set's section of report.json (schema v2): its token stream and every candidate's drift on it."""
-    result = drift.evaluate(reference, models, e.windows, floor_dtype, show_progress=echo, scored_bytes=e.scored_bytes)
     first = next(iter(result["metrics"].values()))
     return {
         "eval": e.name,

@@ -39,8 +39,9 @@ def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:
 
 @torch.no_grad()
 def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings) -> torch.nn.Module:
-    """Round the weights of the linear layers `names` in place (the layers GPTQ quantizes)."""
+    """Round the weights of the linear layers `names` (the layers GPTQ quantizes), held in float32:
+    levels times a float16 scale need more bits than a 16-bit weight has."""
     for name in names:
         linear = model.get_submodule(name)
-        linear.weight.copy_(fake_quantize(linear.weight, gptq))
+        linear.weight = torch.nn.Parameter(fake_quantize(linear.weight, gptq), requires_grad=False)
     return model

@@ -19,8 +19,9 @@ import torch
 from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import VerifyError
 from qmerge.adapter import Mix, peft_model
-from qmerge.drift import load_reference
-from qmerge.nf4 import dequantized, load_base
+from qmerge.drift import load_candidate, load_reference
+from qmerge.metrics import compare
+from qmerge.nf4 import dequantized
 from qmerge.settings import NF4Settings
 
 _HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
@@ -73,8 +74,13 @@ def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device:
            windows: torch.Tensor | None = None, trust_remote_code: bool = False) -> Verification:
     """Compare DIR/merged with the independent recomputation, per tensor and by logits; returns the
     numbers whatever they are (raise_if_failed turns a failure into VerifyError)."""
+    if windows is None:
+        windows = _sequences(base_dir, trust_remote_code)
+    reference = load_reference(base_dir, mix, nf4, device, trust_remote_code, kind)
+    kld = _logits_kld(reference, merged_dir, windows, trust_remote_code)
+    expected = _peft_merged(reference.unload(), mix)  # the same loaded base, the adapters taken out unmerged
+    del reference
     merged = LazyCheckpoint.open(merged_dir)
-    expected = _peft_merged(base_dir, mix, nf4, device, kind, trust_remote_code)
     dtypes: set[torch.dtype] = set()
     modules = []
     for key in merged.keys():
@@ -82,11 +88,7 @@ def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device:
         dtypes.add(stored.dtype)
         modules.append(_compare(key, stored, expected.get(key)))
     modules.sort(key=lambda m: -m.of_tolerance)
-    del expected
     coarsest = max((d for d in dtypes if d in _HALF_ULP), key=_HALF_ULP.get, default=torch.float32)
-    if windows is None:
-        windows = _sequences(base_dir, trust_remote_code)
-    kld = _logits_kld(merged_dir, base_dir, mix, nf4, device, kind, windows, trust_remote_code)
     return Verification(modules, kld, KLD_LIMIT[coarsest], len(windows), _HALF_ULP[coarsest], str(coarsest).removeprefix("torch."))
 
 
@@ -95,11 +97,11 @@ def raise_if_failed(result: Verification) -> None:
         raise VerifyError(result.line() + "; DIR/merged is not the base as trained + the adapter: rerun the merge, and report a bug if it repeats")
 
 
-def _peft_merged(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, kind: str, trust_remote_code: bool) -> dict[str, torch.Tensor]:
-    """PEFT's merge of the adapters into a float32 copy of the base as the adapter saw it: every
-    bitsandbytes Linear4bit replaced by a plain Linear holding its dequantized weight."""
-    model = dequantized(load_base(base_dir, nf4, device, kind, trust_remote_code))
-    merged = peft_model(model, mix).merge_and_unload()
+def _peft_merged(base: torch.nn.Module, mix: Mix) -> dict[str, torch.Tensor]:
+    """PEFT's merge of the adapters into a float32 copy of `base` (a load_base model, the base as the
+    adapter saw it): every bitsandbytes Linear4bit replaced by a plain Linear holding its dequantized
+    weight."""
+    merged = peft_model(dequantized(base), mix).merge_and_unload()
     return {k: v.detach() for k, v in merged.state_dict().items()}
 
 
@@ -131,18 +133,13 @@ def _sequences(base_dir: Path, trust_remote_code: bool) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _logits_kld(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, kind: str,
-                windows: torch.Tensor, trust_remote_code: bool) -> float:
+def _logits_kld(reference: torch.nn.Module, merged_dir: Path, windows: torch.Tensor, trust_remote_code: bool) -> float:
     """Mean KL(unmerged PEFT model ‖ DIR/merged) per position, both in float32, one window at a time."""
-    from transformers import AutoModelForCausalLM
-
-    ref = load_reference(base_dir, mix, nf4, device, trust_remote_code, kind)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code).eval()
-    total, count = 0.0, 0
+    device = next(reference.parameters()).device
+    model = load_candidate(merged_dir, device, trust_remote_code)
+    klds = []
     for window in windows:
-        ids = window[None, :-1].to(device)
-        p = torch.log_softmax(ref(input_ids=ids).logits.double(), -1)
-        q = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
-        kld = (p.exp() * (p - q)).sum(-1)
-        total, count = total + kld.sum().item(), count + kld.numel()
-    return total / count
+        ids = window[None].to(device)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        klds.append(compare(reference(input_ids=inputs).logits, {"merged": model(input_ids=inputs).logits}, targets)["merged"].kld)
+    return torch.cat(klds).mean().item()

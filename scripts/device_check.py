@@ -6,6 +6,7 @@ random Llama-2-7B-shaped checkpoint. Prints one table and writes results.json + 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -233,11 +234,11 @@ def drift_7b(work: Path, deadline: float) -> None:
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     reference = drift.load_reference(work / "7b-base", load_mix((str(work / "7b-adapter"),)), NF4Settings(), GPU)
-    models = {name: drift.load_candidate(work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
+    models = {name: functools.partial(drift.load_candidate, work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
     loaded = time.perf_counter() - t
     t = time.perf_counter()
-    result = drift.evaluate(reference, models, windows, "bfloat16", show_progress=False)
-    record("7b drift load s / evaluate s (4x512; reference, noise floor, " + ", ".join(models) + ") / peak GPU MB",
+    result = drift.evaluate(reference, models, [windows], "bfloat16", show_progress=False)[0]
+    record("7b drift reference load s / evaluate s incl. candidate loads (4x512; reference, noise floor, " + ", ".join(models) + ") / peak GPU MB",
            [round(loaded, 1), round(time.perf_counter() - t, 1), round(torch.cuda.max_memory_allocated() / 2**20)])
     record("7b drift mean KLD (random weights)", {name: m["kld_mean"] for name, m in result["metrics"].items()})
 

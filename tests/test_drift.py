@@ -98,7 +98,7 @@ def test_sizes_and_bits_per_weight(run, tiny_base, tiny_adapter, tmp_path):
     assert c["rtn"]["size_bytes"] == c["gptq"]["size_bytes"]
     # PEFT's 4-bit merge as bitsandbytes itself saves it: the same bytes for the linear layers
     saved = tmp_path / "peft-nf4"
-    drift.load_peft_nf4(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu")).save_pretrained(saved)
+    drift.peft_nf4(drift.load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu"))).save_pretrained(saved)
     from safetensors import safe_open
 
     with safe_open(saved / "model.safetensors", "pt") as f:
@@ -256,3 +256,41 @@ def test_report_html_of_a_real_run_renders_and_draws(run, tmp_path):
     out, rep = run
     assert screenshot(out / "report.html", tmp_path / "page.png", 1200, 6000) == []
     assert assert_charts_draw((out / "report.html").read_text(), tmp_path, every_series=False) == 4 * len(rep["evaluations"]) + 1
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}], ids=["untied", "tied-biased"])
+def test_float32_compute_is_bit_identical_to_a_float32_copy(overrides, tmp_path):
+    """A bf16 checkpoint held in bf16 and upcast per use gives the logits and hidden states of the same
+    checkpoint loaded in float32, bit for bit (torch.equal), at half the weight memory."""
+    from conftest import make_base
+
+    path = make_base(tmp_path / "base", seed=5, **overrides)
+    lean = drift.load_candidate(path, torch.device("cpu"))
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, full.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = lean(input_ids=ids, output_hidden_states=True), full(input_ids=ids, output_hidden_states=True)
+    assert a.logits.dtype == torch.float32 and torch.equal(a.logits, b.logits)
+    assert all(torch.equal(x, y) for x, y in zip(a.hidden_states, b.hidden_states, strict=True))
+    weights = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert weights(lean) < 0.55 * weights(full)
+
+
+def test_candidates_are_resident_one_at_a_time(tiny_base, tiny_adapter, tmp_path):
+    """drift.evaluate builds a candidate only after the one before it is gone (weakref dead), and
+    reports every candidate in the order given, the noise floor last."""
+    import weakref
+
+    reference = drift.load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu"))
+    alive: list[weakref.ref] = []
+
+    def build():
+        assert all(r() is None for r in alive), "a candidate built while another is resident"
+        model = drift.load_candidate(tiny_base, torch.device("cpu"))
+        alive.append(weakref.ref(model))
+        return model
+
+    windows = eval_windows(tiny_base)[:2]
+    results = drift.evaluate(reference, {"a": build, "b": build, "c": build}, [windows, windows[:1]], "bfloat16", show_progress=False)
+    assert len(alive) == 3 and [list(r["metrics"]) for r in results] == [["a", "b", "c", drift.NOISE_FLOOR]] * 2
+    assert results[0]["metrics"]["a"]["kld_mean"] == results[0]["metrics"]["b"]["kld_mean"] > 0  # the same model scores the same

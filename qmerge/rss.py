@@ -1,0 +1,60 @@
+"""Peak resident memory of one stage of a run.
+
+The kernel's high-water mark (ru_maxrss) covers the whole process so far, so a stage after a heavy
+one would report that one's peak; resetting the mark (/proc/self/clear_refs) would also change what
+a parent process or /usr/bin/time reads for the whole run. Instead a thread samples this process's
+resident set every 10 ms while the stage runs: it can miss a spike shorter than that, never invent
+one. Where /proc is missing (macOS), the process high-water mark is all there is.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from pathlib import Path
+
+_STATM = Path("/proc/self/statm")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_mb() -> float | None:
+    """This process's resident set now, or None without /proc."""
+    try:
+        return int(_STATM.read_text().split()[1]) * _PAGE / 2**20
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def high_water_mb() -> float:
+    """The process's peak resident set since it started (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakRSS:
+    """`with PeakRSS() as peak: ...`, then `peak.mb`: the largest resident set seen inside."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            now = current_mb()
+            if now is None:
+                return
+            self.mb = max(self.mb, now)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = current_mb()
+        self.mb = round(max(self.mb, now) if now is not None else high_water_mb(), 1)

@@ -22,6 +22,7 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from qmerge.checkpoint import LazyCheckpoint, PickledCheckpoint
+from qmerge.engine import gptqmodel
 from qmerge.errors import QmergeError
 from qmerge.inputs import resolve
 from qmerge.lora import ORDER, Edit, LoraBias, LoraDelta, Replace, TokenRows
@@ -269,6 +270,7 @@ def peft_model(model: torch.nn.Module, mix: Mix):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
+    gptqmodel()  # PEFT imports it while setting up the model: import it here, where its tracebacks are dropped
     names = ["default", *(f"adapter{i}" for i in range(1, len(mix)))]
     peft = PeftModel.from_pretrained(model, mix[0].adapter.directory)
     for name, part in zip(names[1:], mix[1:]):

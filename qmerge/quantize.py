@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qmerge.engine import gptqmodel
 from qmerge.errors import QmergeError
 from qmerge.settings import GPTQSettings
 
@@ -70,13 +71,12 @@ def quantize(
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
     with _quiet(log_path, verbose) as progress_stream, _scratch_cwd() as scratch:
-        from gptqmodel import GPTQModel, QuantizeConfig
-
-        config = QuantizeConfig(
+        engine = gptqmodel()
+        config = engine.QuantizeConfig(
             bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq",
             offload_to_disk_path=str(scratch / "offload"),
         )
-        model = GPTQModel.load(str(merged_dir), config, device=str(device), trust_remote_code=trust_remote_code)
+        model = engine.GPTQModel.load(str(merged_dir), config, device=str(device), trust_remote_code=trust_remote_code)
         rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calibration]
         layers = model.model.model.layers
         bar = tqdm(total=len(layers), desc="gptq", unit="layer", file=progress_stream, disable=None, leave=False)

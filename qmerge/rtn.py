@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from qmerge.engine import gptqmodel
 from qmerge.settings import GPTQSettings
 
 
 def quantizer(gptq: GPTQSettings):
     """GPTQModel's Quantizer configured as its GPTQ processor configures it (per channel, no MSE search)."""
+    gptqmodel()
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.quantizer import Quantizer
 

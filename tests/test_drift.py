@@ -294,3 +294,27 @@ def test_candidates_are_resident_one_at_a_time(tiny_base, tiny_adapter, tmp_path
     results = drift.evaluate(reference, {"a": build, "b": build, "c": build}, [windows, windows[:1]], "bfloat16", show_progress=False)
     assert len(alive) == 3 and [list(r["metrics"]) for r in results] == [["a", "b", "c", drift.NOISE_FLOOR]] * 2
     assert results[0]["metrics"]["a"]["kld_mean"] == results[0]["metrics"]["b"]["kld_mean"] > 0  # the same model scores the same
+
+
+def test_nothing_of_verify_outlives_it(tiny_base, tiny_adapter, tmp_path):
+    """A fresh process whose first GPTQModel import happens inside verify (through PEFT): afterwards
+    no frame of verify is alive. GPTQModel keeps an optional dependency's ImportError at module level;
+    its traceback used to pin verify's frames and their float32 model for the rest of the run."""
+    script = f"""
+import gc, sys, types, torch
+from pathlib import Path
+from qmerge.adapter import load_mix
+from qmerge.merge import merge
+from qmerge.settings import NF4Settings
+from qmerge.verify import verify
+assert "gptqmodel" not in sys.modules
+mix = load_mix(({str(tiny_adapter)!r},))
+merge(Path({str(tiny_base)!r}), mix, Path({str(tmp_path / 'merged')!r}), NF4Settings(), "bfloat16", torch.device("cpu"), show_progress=False)
+assert verify(Path({str(tmp_path / 'merged')!r}), Path({str(tiny_base)!r}), mix, NF4Settings(), torch.device("cpu")).ok
+assert "gptqmodel" in sys.modules
+gc.collect()
+alive = [f.f_code.co_name for f in gc.get_objects() if isinstance(f, types.FrameType) and f.f_code.co_filename.endswith("verify.py")]
+assert not alive, alive
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -17,7 +17,6 @@ chunks of positions (`metrics.compare`).
 
 from __future__ import annotations
 
-import gc
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +30,7 @@ from qmerge.adapter import Mix, peft_model
 from qmerge.edits import apply_to_model
 from qmerge.metrics import compare, kld_histogram, per_window, summarize
 from qmerge.nf4 import load_base, torch_dtype
+from qmerge.rss import release
 from qmerge.settings import NF4Settings
 
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
@@ -168,8 +168,7 @@ class Tally:
         ids = self.windows[start : start + batch_size].to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         ref_out = reference(input_ids=inputs, output_hidden_states=True)
-        logits = {}
-        for name, model in models.items():
+        for name, model in models.items():  # one model's outputs alive at a time: 100 MB of logits each for SmolLM2
             if model is None:
                 _set_4bit_compute_dtype(reference, floor_dtype)
                 out = reference(input_ids=inputs, output_hidden_states=True)
@@ -177,9 +176,8 @@ class Tally:
             else:
                 out = model(input_ids=inputs, output_hidden_states=True)
             self.layers.setdefault(name, LayerDrift()).add(ref_out.hidden_states, out.hidden_states)
-            logits[name] = out.logits
+            s = compare(ref_out.logits, {name: out.logits}, targets)[name]
             del out
-        for name, s in compare(ref_out.logits, logits, targets).items():
             acc = self.series.setdefault(name, defaultdict(list))
             for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
                 acc[field].append(getattr(s, field).cpu())
@@ -230,6 +228,6 @@ def evaluate(
                     tally.add(reference, models, start, batch_size, floor_dtype)
                     bar.update()
             del models
-            gc.collect()  # the candidate's weights go before the next one is built
+            release()  # the candidate's weights go before the next one is built
     order = [*candidates, *([NOISE_FLOOR] if floor_dtype != torch.float32 else [])]
     return [t.result(order) for t in tallies]

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
+from qmerge.rss import release
 from qmerge.settings import NF4Settings
 
 _DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
@@ -240,6 +241,7 @@ def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device, kin
     for param in model.parameters():  # transformers keeps a pre-quantized checkpoint's other tensors in their stored dtype
         if param.is_floating_point() and param.dtype != torch.float32 and not isinstance(param, bnb.nn.Params4bit):
             param.data = param.data.float()
+    release()  # the float copies bitsandbytes quantized from
     return model
 
 

@@ -27,7 +27,7 @@ from qmerge.inputs import load_base_config, resolve, tree_sha256
 from qmerge.merge import merge
 from qmerge.nf4 import REFERENCES, Prequantized, as_trained, effective_settings, quantized_linear_names, reference_kind
 from qmerge.quantize import check_group_size, check_target, quantize, read_quant_log, servers
-from qmerge.rss import PeakRSS
+from qmerge.rss import PeakRSS, release
 from qmerge.stages import StageStore, key_of
 from qmerge.settings import NF4Settings, RunSettings
 from qmerge.verify import SEQUENCES, raise_if_failed, verify
@@ -66,6 +66,7 @@ class Stages:
         start = time.perf_counter()
         with PeakRSS() as peak:
             yield
+            release()  # what the stage freed goes back before the next stage starts
         rec = {"wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak.mb}
         if self.device.type == "cuda":
             rec["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)

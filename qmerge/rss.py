@@ -9,6 +9,9 @@ one. Where /proc is missing (macOS), the process high-water mark is all there is
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import threading
@@ -24,6 +27,27 @@ def current_mb() -> float | None:
         return int(_STATM.read_text().split()[1]) * _PAGE / 2**20
     except (OSError, IndexError, ValueError):
         return None
+
+
+def release() -> None:
+    """Hand memory freed by a finished step back to the system: collect cycles, then ask glibc to trim
+    its heaps. Freed tensors below glibc's mmap threshold (which it raises up to 32 MB as large blocks
+    are freed) stay in the heap as free space the next step cannot always reuse; trimming after the
+    merge stage gave back ~300 MB of SmolLM2's run. A no-op without glibc."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def high_water_mb() -> float:

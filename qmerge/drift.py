@@ -176,7 +176,7 @@ class Tally:
             else:
                 out = model(input_ids=inputs, output_hidden_states=True)
             self.layers.setdefault(name, LayerDrift()).add(ref_out.hidden_states, out.hidden_states)
-            s = compare(ref_out.logits, {name: out.logits}, targets)[name]
+            s = compare(ref_out.logits, out.logits, targets)
             del out
             acc = self.series.setdefault(name, defaultdict(list))
             for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):

@@ -32,9 +32,8 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ReferenceStats:
-    """The reference's side of `token_stats` for one chunk of positions. It is the same for every
-    candidate scored against that reference forward, so it is computed once for all of them (its
-    exp, argmax and top-5 over the vocabulary were a third of the metric time of a demo run)."""
+    """The reference's side of `token_stats` for a span of positions: its probabilities, target NLL,
+    argmax and top-5, the same for any candidate compared with it."""
 
     lp: torch.Tensor  # (B, T, V) log-probabilities
     p: torch.Tensor  # exp(lp): the KL weights
@@ -72,19 +71,18 @@ def token_stats(ref: ReferenceStats, lp: torch.Tensor) -> TokenStats:
 POSITIONS = 64  # per chunk in `compare`: (64, V) float64 temporaries, 25 MB at a 49k vocabulary
 
 
-def compare(ref_logits: torch.Tensor, logits: dict[str, torch.Tensor], targets: torch.Tensor, positions: int = POSITIONS) -> dict[str, TokenStats]:
-    """token_stats of each candidate's logits (B, T, V) against the reference's, a chunk of positions
-    at a time, flattened in (B, T) order. Whole, one 512-token window of a 49k vocabulary would make
-    five 200 MB float64 tensors (both log-probabilities, the reference's probabilities, their
-    difference and product); chunked, the metric math holds a few MB whatever the window length."""
-    parts: dict[str, list[TokenStats]] = {name: [] for name in logits}
+def compare(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, positions: int = POSITIONS) -> TokenStats:
+    """token_stats of a candidate's logits (B, T, V) against the reference's, a chunk of positions at a
+    time, flattened in (B, T) order. Whole, one 512-token window of a 49k vocabulary would make five
+    200 MB float64 tensors (both log-probabilities, the reference's probabilities, their difference
+    and product); chunked, the metric math holds a few MB whatever the window length."""
+    parts = []
     for b in range(targets.shape[0]):
         for start in range(0, targets.shape[1], positions):
             span = slice(start, start + positions)
             ref = reference_stats(log_probs(ref_logits[b : b + 1, span]), targets[b : b + 1, span])
-            for name, x in logits.items():
-                parts[name].append(token_stats(ref, log_probs(x[b : b + 1, span])))
-    return {name: TokenStats(**{f.name: torch.cat([getattr(p, f.name) for p in ps]) for f in fields(TokenStats)}) for name, ps in parts.items()}
+            parts.append(token_stats(ref, log_probs(logits[b : b + 1, span])))
+    return TokenStats(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TokenStats)})
 
 
 def _top5(lp: torch.Tensor) -> torch.Tensor:

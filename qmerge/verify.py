@@ -155,5 +155,5 @@ def _logits_kld(reference: torch.nn.Module, merged_dir: Path, windows: torch.Ten
     for window in windows:
         ids = window[None].to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
-        klds.append(compare(reference(input_ids=inputs).logits, {"merged": model(input_ids=inputs).logits}, targets)["merged"].kld)
+        klds.append(compare(reference(input_ids=inputs).logits, model(input_ids=inputs).logits, targets).kld)
     return torch.cat(klds).mean().item()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from qmerge.metrics import clustered_mean, log_probs, quantile, reference_stats, summarize, token_stats
+from qmerge.metrics import clustered_mean, compare, log_probs, quantile, reference_stats, summarize, token_stats
 
 
 def test_token_stats_hand_computed():
@@ -49,6 +49,19 @@ def test_token_stats_with_shared_reference_is_bit_identical_to_the_per_candidate
         for field, want in expected.items():
             assert torch.equal(getattr(s, field), want), field
         assert 0 < s.top1_same.sum() < s.top1_same.numel() and s.kld.min() > 0  # the comparisons are not vacuous
+
+def test_compare_in_chunks_equals_the_whole_batch_at_once():
+    """metrics.compare works on 64 positions at a time to bound memory; its per-token series, in (B, T)
+    order, equal token_stats of the whole batch (float32 logits, as models return them)."""
+    g = torch.Generator().manual_seed(4)
+    ref_logits = torch.randn(2, 150, 500, generator=g) * 3
+    logits = ref_logits + torch.randn(ref_logits.shape, generator=g) * 0.3
+    targets = torch.randint(0, 500, (2, 150), generator=g)
+    whole = token_stats(reference_stats(log_probs(ref_logits), targets), log_probs(logits))
+    chunked = compare(ref_logits, logits, targets)
+    for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
+        assert torch.allclose(getattr(chunked, field).double(), getattr(whole, field).double(), rtol=1e-12, atol=0), field
+
 
 def test_summarize_hand_computed():
     nll_ref = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)

@@ -40,6 +40,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", help="eval sources, comma-separated, same forms as --calibration (default: stdlib eval part); metrics per set")
     p.add_argument("--eval-samples", type=int, help="eval windows (default 32)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    p.add_argument("--eval-batch", type=int, help="eval windows per forward in the drift stage (default 0: 1 on CPU, 8 on a GPU)")
     p.add_argument("--allow-overlap", action=B, help="evaluate even on windows that are also in the calibration set (the overlapping fraction is reported)")
     _add_base_options(p)
     p.add_argument("--merged-dtype", help="dtype of DIR/merged (default bfloat16)")

@@ -249,7 +249,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
             results = drift.evaluate(
                 reference, {name: builder(kind, name) for kind, name in names.items()}, [e.windows for e in p.evaluations], floor_dtype,
-                show_progress=echo, scored_bytes=[e.scored_bytes for e in p.evaluations],
+                batch_size=batch, show_progress=echo, scored_bytes=[e.scored_bytes for e in p.evaluations],
             )
             if floor_dtype != "float32":
                 rows[drift.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
@@ -258,7 +258,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
             (tmp / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
 
         evals = [(e.name, data.stream_sha256(e.windows)) for e in p.evaluations]
-        stage("drift", dict(merged=merged_key, gptq=gptq_keys, candidates=kinds, grid=asdict(settings.gptq), evals=evals, **common), build_drift)
+        batch = settings.data.batch_on(p.device.type)  # float32 GEMMs of another batch shape may round differently: part of the key
+        stage("drift", dict(merged=merged_key, gptq=gptq_keys, candidates=kinds, grid=asdict(settings.gptq), evals=evals, batch=batch, **common), build_drift)
     except BaseException:
         if created and not (out / "manifests").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind

@@ -56,6 +56,7 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "eval_samples": ("data", "eval_samples"),
     "seq_len": ("data", "seq_len"),
     "allow_overlap": ("data", "allow_overlap"),
+    "eval_batch": ("data", "eval_batch"),
 }
 LISTS = ("skip_modules", "candidates", "eval")  # tuple settings; a recipe or flag may write them comma-separated
 _SECTIONS = {"nf4": NF4Settings, "gptq": GPTQSettings, "data": DataSettings}

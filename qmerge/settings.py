@@ -73,6 +73,11 @@ class DataSettings:
     eval_samples: int = 32
     seq_len: int = 512
     allow_overlap: bool = False  # evaluate on windows GPTQ was calibrated on (the overlap is reported)
+    eval_batch: int = 0  # eval windows per forward; 0: 1 on CPU (no gain, more memory), 8 on a GPU
+
+    def batch_on(self, device_type: str) -> int:
+        """Windows per forward in the drift stage."""
+        return self.eval_batch or (8 if device_type == "cuda" else 1)
 
     def validate(self) -> None:
         if not self.eval:
@@ -84,6 +89,8 @@ class DataSettings:
         for flag, n in (("--calibration-samples", self.calibration_samples), ("--eval-samples", self.eval_samples)):
             if n < 1:
                 raise QmergeError(f"{flag} {n} must be at least 1")
+        if self.eval_batch < 0:
+            raise QmergeError(f"--eval-batch {self.eval_batch} must be 0 (automatic) or more windows per forward")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,11 @@
 """`qmerge run` against the usual workflow on the same inputs, alternating, several repetitions.
 
     python scripts/bench_pipeline.py --reps 2 --calibration-samples 16 --eval-samples 8 --write
+    python scripts/bench_pipeline.py --random 16x1024x2816 --reps 1 --write   # scaling: a random-weight Llama
+
+Inputs: the embedded demo (SmolLM2-135M-Instruct bf16 + the demo QLoRA adapter), or with --random
+LAYERSxHIDDENxINTERMEDIATE a random-weight Llama of that shape (made on the fly, SmolLM2's tokenizer
+and vocabulary, heads of 64) with a random r=16 all-linear LoRA adapter.
 
 The usual workflow (the tutorial one), one process per step as a user runs it:
   merge      fp16 base + PeftModel.from_pretrained + merge_and_unload + save_pretrained
@@ -46,9 +51,9 @@ def child(step: str, a: dict) -> None:
         AutoTokenizer.from_pretrained(a["base"]).save_pretrained(a["out"])
     elif step == "gptq":
         import qmerge  # noqa: F401  (sets GPTQMODEL_CPU_WORKERS, without which GPTQModel fails on 2 cores)
-
-        start = time.perf_counter()  # qmerge's GPTQ stage imports gptqmodel inside its timer too
         from gptqmodel import GPTQModel, QuantizeConfig
+
+        start = time.perf_counter()  # after the import, as in qmerge's GPTQ stage (its merge stage imported gptqmodel already)
 
         with tempfile.TemporaryDirectory() as scratch:
             os.chdir(scratch)  # GPTQModel writes ./logs and offloads into the working directory
@@ -164,7 +169,7 @@ def table(usuals: list[dict], qmerges: list[dict]) -> str:
         [[s, f"{step_s(usuals, s):.1f}", f"{med([r['runs'][s].result['stage_s'] for r in usuals]):.1f}", f"{med([r['runs'][s].peak_rss_mb for r in usuals]):.0f}"] for s in USUAL],
     )
     bare = med([q["bare"].result["stage_s"] for q in qmerges])
-    overhead = f"qmerge's GPTQ stage {q_gptq:.1f} s against a bare GPTQModel load/quantize/save of the same merged model {bare:.1f} s (import included in both): overhead {100 * (q_gptq / bare - 1):+.1f}%."
+    overhead = f"qmerge's GPTQ stage {q_gptq:.1f} s against a bare GPTQModel load/quantize/save of the same merged model {bare:.1f} s (imports excluded from both): overhead {100 * (q_gptq / bare - 1):+.1f}%."
     per_rep = "; ".join(f"rep {i}: usual {sum(m.wall_s for m in u['runs'].values()):.0f} s, qmerge {q['run'].wall_s:.0f} s" for i, (u, q) in enumerate(zip(usuals, qmerges)))
     return f"{main}\n\n{steps}\n\n{overhead} Per repetition: {per_rep}."
 
@@ -177,14 +182,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--random", metavar="LxHxI", help="a random-weight Llama of L layers, hidden H, intermediate I instead of the demo")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qmerge-bench-pipeline"))
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args()
-    base, adapter = _demo_inputs()
-    a = dict(base=str(base), adapter=str(adapter), device=args.device, seq_len=args.seq_len, group_size=args.group_size,
-             calibration_samples=args.calibration_samples, eval_samples=args.eval_samples)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
+    base, adapter = _demo_inputs()
+    inputs = "the cached demo (SmolLM2-135M-Instruct bf16 + the demo QLoRA adapter)"
+    if args.random:
+        base, adapter, inputs = _random_inputs(args.random, base, args.work)
+    a = dict(base=str(base), adapter=str(adapter), device=args.device, seq_len=args.seq_len, group_size=args.group_size,
+             calibration_samples=args.calibration_samples, eval_samples=args.eval_samples)
     usuals, qmerges = [], []
     with benchlib.LoadSampler() as load:
         for rep in range(args.reps):
@@ -194,16 +203,16 @@ def main() -> None:
                 (usuals if workflow is usual else qmerges).append(result)
                 print(f"rep {rep} {workflow.__name__}: {_brief(result)}", flush=True)
     shutil.rmtree(args.work, ignore_errors=True)
+    tag = f"{args.device}-random-{args.random}" if args.random else args.device
     text = (
         f"Machine: {benchlib.machine()}. {load.summary()}; the cores are shared with four other engineers' work, "
-        f"so wall times carry that noise (peak RSS does not). Inputs: the cached demo (SmolLM2-135M-Instruct bf16 + the demo "
-        f"QLoRA adapter), GPTQ 4-bit g{args.group_size}, {args.calibration_samples} calibration and {args.eval_samples} eval windows "
+        f"so wall times carry that noise (peak RSS does not). Inputs: {inputs}, GPTQ 4-bit g{args.group_size}, {args.calibration_samples} calibration and {args.eval_samples} eval windows "
         f"of {args.seq_len} tokens (stdlib preset), device {args.device}, {args.reps} repetitions alternating which workflow runs first, medians.\n\n"
         f"{table(usuals, qmerges)}"
     )
     print(text)
     if args.write:
-        benchlib.write_section(f"bench_pipeline-{args.device}", f"### Whole pipeline against the usual workflow, {args.device} (`scripts/bench_pipeline.py`)\n\n{text}")
+        benchlib.write_section(f"bench_pipeline-{tag}", f"### Whole pipeline against the usual workflow, {tag} (`scripts/bench_pipeline.py`)\n\n{text}")
 
 
 def _demo_inputs() -> tuple[Path, Path]:
@@ -212,6 +221,17 @@ def _demo_inputs() -> tuple[Path, Path]:
     code = "import json; from qmerge.demo import prepare_inputs; print(json.dumps(dict(zip(('base', 'adapter'), map(str, prepare_inputs())))))"
     paths = benchlib.run_child([*benchlib.python(), "-c", code]).result
     return Path(paths["base"]), Path(paths["adapter"])
+
+
+def _random_inputs(shape: str, demo_base: Path, work: Path) -> tuple[Path, Path, str]:
+    """A random-weight Llama of shape LxHxI and a random LoRA adapter for it, under `work` (kept
+    across repetitions; the work folder is removed at the end)."""
+    layers, hidden, intermediate = (int(x) for x in shape.lower().split("x"))
+    config = dict(vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                  num_key_value_heads=hidden // 64, max_position_embeddings=2048, tie_word_embeddings=False)
+    base, adapter = work / "random-base", work / "random-adapter"
+    params = benchlib.make_random_model(base, config, adapter, tokenizer_from=demo_base)
+    return base, adapter, f"a random-weight Llama {shape} ({params / 1e6:.0f}M parameters, SmolLM2's tokenizer) + a random r=16 all-linear LoRA adapter"
 
 
 def _brief(result: dict) -> str:

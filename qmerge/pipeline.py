@@ -30,7 +30,7 @@ from qmerge.quantize import check_group_size, check_target, quantize, read_quant
 from qmerge.rss import PeakRSS, release
 from qmerge.stages import StageStore, key_of
 from qmerge.settings import NF4Settings, RunSettings
-from qmerge.verify import SEQUENCES, raise_if_failed, verify
+from qmerge.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
 
 
 
@@ -210,7 +210,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
                     show_progress=echo, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
                 )
                 info.update(asdict(result))
-                check = verify(tmp, p.base_dir, p.mix, settings.nf4, p.device, reference_kind(into), p.evaluations[0].windows[:SEQUENCES], settings.trust_remote_code)
+                check = verify(tmp, p.base_dir, p.mix, settings.nf4, p.device, reference_kind(into), p.evaluations[0].windows[:SEQUENCES, :SEQ_LEN], settings.trust_remote_code)
                 info["verify"] = check.summary()
                 if echo:
                     print(f"[qmerge] {name}: {check.line()}", flush=True)

@@ -11,7 +11,6 @@ returns paths and numbers instead of printing, and raises QmergeError on bad inp
 from __future__ import annotations
 
 import functools
-
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path

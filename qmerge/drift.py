@@ -9,8 +9,8 @@ Memory: candidates are built and scored one at a time, each against a fresh forw
 reference, so only the reference (4-bit) and one candidate are ever resident; a float checkpoint
 stays in its stored dtype and upcasts each weight as it is used (`float32_compute`). The price is
 one reference forward per candidate instead of one in all; keeping every candidate resident instead
-made the drift stage the peak of a run (4.2 GB against the GPTQ stage's 3.5 GB for SmolLM2-135M
-with two candidates), and on a GPU would not fit a 7B model's float32 candidates beside each other.
+made the drift stage the peak of a run (4.2 GB of a 4.3 GB run for SmolLM2-135M with two
+candidates, BENCHMARKS.md), and on a GPU would not fit a 7B model's float32 candidates side by side.
 Full-vocabulary logits and hidden states exist for one batch only, and the metric math runs on
 chunks of positions (`metrics.compare`).
 """

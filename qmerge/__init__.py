@@ -3,7 +3,7 @@ GPTQ, and measure what each step cost against the model as trained."""
 
 import os
 
-__version__ = "0.1.0"
+from qmerge.settings import VERSION as __version__
 
 # GPTQModel sizes a CPU thread pool at import and fails on small machines (2 cores) without this;
 # set before any path (quantize, or transformers loading a GPTQ checkpoint) imports it.

@@ -11,21 +11,26 @@ returns paths and numbers instead of printing, and raises QmergeError on bad inp
 from __future__ import annotations
 
 import functools
-import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from qmerge import data, drift, pipeline, recipe
-from qmerge.adapter import load_mix
-from qmerge.inputs import load_base_config, resolve
-from qmerge.merge import merge
-from qmerge.nf4 import as_trained, effective_settings, reference_kind
-from qmerge.quantize import quantize
-from qmerge.stages import replace_dir, staged
+from qmerge import pipeline, recipe
 from qmerge.errors import QmergeError
-from qmerge.settings import GPTQSettings, NF4Settings
-from qmerge.verify import Verification
-from qmerge.verify import verify as verify_merged
+from qmerge.eval.drift import evaluate as evaluate_models
+from qmerge.eval.verify import Verification
+from qmerge.eval.verify import verify as verify_merged
+from qmerge.io import text
+from qmerge.io.atomic import building
+from qmerge.io.inputs import load_base_config, resolve
+from qmerge.merge.adapter import load_mix
+from qmerge.merge.source import as_trained, effective_settings
+from qmerge.merge.streaming import merge
+from qmerge.models.checkpoints import load_candidate
+from qmerge.models.device import pick_device
+from qmerge.models.reference import load_reference
+from qmerge.prepare import check_out
+from qmerge.quant.gptq import quantize
+from qmerge.settings import GPTQSettings, NF4Settings, reference_kind
 
 
 @dataclass(frozen=True)
@@ -82,16 +87,12 @@ def merge_adapter(base: str, adapter: str | list[str], out: str | Path, *, into:
     if into not in ("nf4", "original"):
         raise QmergeError(f"into={into!r}; use 'nf4' (the weights as trained) or 'original'")
     out = Path(out).resolve()
-    pipeline.check_out(out, overwrite)
+    check_out(out, overwrite)
     base_dir = resolve(base, "base")
     given = tuple(f.name for f in fields(NF4Settings)) if nf4 else ()  # an explicit NF4Settings is given whole
     nf4 = base_settings(base_dir, nf4 or NF4Settings(), given, into)
-    work = staged(out)
-    try:
-        merge(base_dir, load_mix(_specs(adapter)), work, nf4, dtype, pipeline.pick_device(device), into, show_progress=False)
-        replace_dir(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with building(out) as work:
+        merge(base_dir, load_mix(_specs(adapter)), work, nf4, dtype, pick_device(device), into, show_progress=False)
     return out
 
 
@@ -119,7 +120,7 @@ def verify(merged: str | Path, base: str, adapter: str | list[str], *, merge_int
         raise QmergeError(f"{merged} is not a merged checkpoint (no config.json); pass DIR/merged")
     base_dir, mix = resolve(base, "base"), load_mix(_specs(adapter))
     nf4 = base_settings(base_dir, recipe.nf4_settings(nf4_values), recipe.given_nf4(nf4_values), merge_into, trust_remote_code)
-    return verify_merged(merged, base_dir, mix, nf4, pipeline.pick_device(device), reference_kind(merge_into), trust_remote_code=trust_remote_code)
+    return verify_merged(merged, base_dir, mix, nf4, pick_device(device), reference_kind(merge_into), trust_remote_code=trust_remote_code)
 
 
 @dataclass(frozen=True)
@@ -133,20 +134,15 @@ def gptq_quantize(merged: str | Path, out: str | Path, *, calibration: str = "st
     """GPTQ of a merged checkpoint with GPTQModel into `out` (portable profile by default)."""
     from transformers import AutoTokenizer
 
-
     gptq = gptq or GPTQSettings()
     gptq.validate()
     merged = Path(merged)
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    windows = data.windows(calibration, "calibration", tokenizer, seq_len, calibration_samples)
+    windows = text.windows(calibration, "calibration", tokenizer, seq_len, calibration_samples)
     out = Path(out).resolve()
-    pipeline.check_out(out, overwrite)
-    work = staged(out)
-    try:
-        log = quantize(merged, work, windows, gptq, pipeline.pick_device(device), verbose)
-        replace_dir(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    check_out(out, overwrite)
+    with building(out) as work:
+        log = quantize(merged, work, windows, gptq, pick_device(device), verbose)
     return QuantizeResult(out, log)
 
 
@@ -156,12 +152,12 @@ def evaluate(base: str, adapter: str | list[str], candidates: dict[str, str | Pa
     from transformers import AutoTokenizer
 
     nf4 = nf4 or NF4Settings()
-    base_dir, mix, dev = resolve(base, "base"), load_mix(_specs(adapter)), pipeline.pick_device(device)
+    base_dir, mix, dev = resolve(base, "base"), load_mix(_specs(adapter)), pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    windows = data.windows(eval, "eval", tokenizer, seq_len, eval_samples)
-    reference = drift.load_reference(base_dir, mix, nf4, dev)
-    models = {name: functools.partial(drift.load_candidate, Path(path), dev) for name, path in candidates.items()}  # loaded one at a time
-    result = drift.evaluate(reference, models, [windows], nf4.compute_dtype, show_progress=False, scored_bytes=[data.scored_bytes(windows, tokenizer)])
+    windows = text.windows(eval, "eval", tokenizer, seq_len, eval_samples)
+    reference = load_reference(base_dir, mix, nf4, dev)
+    models = {name: functools.partial(load_candidate, Path(path), dev) for name, path in candidates.items()}  # loaded one at a time
+    result = evaluate_models(reference, models, [windows], nf4.compute_dtype, show_progress=False, scored_bytes=[text.scored_bytes(windows, tokenizer)])
     return result[0]["metrics"]
 
 

@@ -10,6 +10,7 @@ the worst module and its errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -127,7 +128,7 @@ def _quiet_libraries() -> None:
 
 def _dispatch(args: argparse.Namespace) -> dict:
     if args.command == "compare":
-        from qmerge import compare
+        from qmerge.report import compare
 
         result = compare.run(args.reports, args.html)
         if not args.json:
@@ -154,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
 def _verify(args: argparse.Namespace) -> dict:
     """The worst modules on stdout, the verdict as the summary; a failure raises VerifyError (exit 4)."""
     from qmerge import api, recipe
-    from qmerge.verify import raise_if_failed
+    from qmerge.eval.verify import raise_if_failed
 
     values = recipe.split_lists({k: v for k, v in vars(args).items() if k in recipe.KEYS and v is not None})
     result = api.verify(args.merged, **values)
@@ -170,37 +171,56 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.verbose and args.command != "compare":  # compare loads no library to quiet
         _quiet_libraries()
-    summary_fd = None
-    if args.json:  # the summary alone on stdout: everything else, fd-level prints included, to stderr
-        sys.stdout.flush()
-        summary_fd = os.dup(1)
-        os.dup2(2, 1)
-    status, summary = EXIT_OK, {}
+    with _stdout_to_stderr(args.json):
+        status, summary = _status_of(args)
+    if args.json:
+        print(json.dumps({"exit_status": status, **summary}), flush=True)
+    return status
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool):
+    """With --json the summary is alone on stdout: everything else goes to stderr, prints of
+    libraries at file-descriptor level included. Restored afterwards (main may run inside another program)."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved_fd, saved_stream = os.dup(1), sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stdout = saved_stream
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+
+
+def _status_of(args: argparse.Namespace) -> tuple[int, dict]:
+    """Run the command; every outcome becomes an exit status, a one-line message and a summary."""
     try:
         summary = _dispatch(args)
         if summary.get("budgets_ok") is False:
             failed = [f"{k} {b['value']:.4g} > {b['limit']:.4g}" for k, b in summary["budgets"].items() if not b["ok"]]
             print(f"qmerge: quality budget failed: {'; '.join(failed)}", file=sys.stderr)
-            status = EXIT_BUDGET
+            return EXIT_BUDGET, summary
+        return EXIT_OK, summary
     except VerifyError as e:
         print(f"qmerge: {e}", file=sys.stderr)
-        status, summary = EXIT_VERIFY_FAILED, {"error": str(e)}
+        return EXIT_VERIFY_FAILED, {"error": str(e)}
     except QmergeError as e:
         print(f"qmerge: error: {e}", file=sys.stderr)
-        status, summary = EXIT_BAD_INPUT, {"error": str(e)}
+        return EXIT_BAD_INPUT, {"error": str(e)}
     except KeyboardInterrupt:
         print("qmerge: interrupted; no output was left behind", file=sys.stderr)
-        status, summary = 130, {"error": "interrupted"}
+        return 130, {"error": "interrupted"}
     except Exception as e:  # noqa: BLE001 - the one place internal errors become an exit status
         if args.verbose:
             raise
         print(f"qmerge: internal error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)", file=sys.stderr)
-        status, summary = EXIT_INTERNAL, {"error": f"{type(e).__name__}: {e}"}
-    if summary_fd is not None:
-        sys.stdout.flush()
-        os.write(summary_fd, (json.dumps({"exit_status": status, **summary}) + "\n").encode())
-        os.close(summary_fd)
-    return status
+        return EXIT_INTERNAL, {"error": f"{type(e).__name__}: {e}"}
 
 
 if __name__ == "__main__":

@@ -10,15 +10,15 @@ under $QMERGE_CACHE (default ~/.cache/qmerge) and rebuilt only when missing.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from qmerge import data
 from qmerge.errors import QmergeError
-from qmerge.stages import replace_dir, staged
+from qmerge.io.atomic import building
+from qmerge.io.corpus import cache_dir, stdlib_part
+from qmerge.io.text import token_windows
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN = dict(r=16, lora_alpha=32, steps=40, batch=4, seq_len=256, lr=2e-3, seed=0)
@@ -34,8 +34,8 @@ def gguf_path() -> Path:
 
 def prepare_inputs(echo: bool = True) -> tuple[Path, Path]:
     """(base dir, adapter dir) for the demo, built on first use."""
-    base = _cached(data.cache_dir() / "smollm2-135m-instruct-bf16", _write_base, "base: SmolLM2-135M-Instruct GGUF → bf16 safetensors", echo)
-    adapter = _cached(data.cache_dir() / "smollm2-demo-qlora", lambda d: _train_adapter(base, d, echo), "adapter: seeded QLoRA fine-tune", echo)
+    base = _cached(cache_dir() / "smollm2-135m-instruct-bf16", _write_base, "base: SmolLM2-135M-Instruct GGUF → bf16 safetensors", echo)
+    adapter = _cached(cache_dir() / "smollm2-demo-qlora", lambda d: _train_adapter(base, d, echo), "adapter: seeded QLoRA fine-tune", echo)
     return base, adapter
 
 
@@ -45,13 +45,8 @@ def _cached(directory: Path, build, what: str, echo: bool) -> Path:
         return directory
     if echo:
         print(f"[qmerge] demo {what} (once; cached in {directory})", flush=True)
-    tmp = staged(directory)
-    tmp.mkdir()
-    try:
+    with building(directory) as tmp:
         build(tmp)
-        replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
@@ -80,12 +75,12 @@ def _train_adapter(base: Path, directory: Path, echo: bool) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qmerge.nf4 import bnb_config
+    from qmerge.merge.nf4 import bnb_config
     from qmerge.settings import NF4Settings
 
     torch.manual_seed(TRAIN["seed"])
     tokenizer = AutoTokenizer.from_pretrained(base)
-    windows = data.token_windows(data.stdlib_part("train"), tokenizer, TRAIN["seq_len"], TRAIN["steps"] * TRAIN["batch"], "demo train")
+    windows = token_windows(stdlib_part("train"), tokenizer, TRAIN["seq_len"], TRAIN["steps"] * TRAIN["batch"], "demo train")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=bnb_config(NF4Settings()))
     model = get_peft_model(model, LoraConfig(r=TRAIN["r"], lora_alpha=TRAIN["lora_alpha"], lora_dropout=0.0, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TRAIN["lr"])

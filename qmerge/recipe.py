@@ -23,43 +23,21 @@ import yaml
 from qmerge.errors import QmergeError
 from qmerge.settings import DataSettings, GPTQSettings, NF4Settings, RunSettings
 
-# flat key -> (section, field); section None for RunSettings' own fields
-KEYS: dict[str, tuple[str | None, str]] = {
-    "base": (None, "base"),
-    "adapter": (None, "adapter"),
-    "out": (None, "out"),
-    "merged_dtype": (None, "merged_dtype"),
-    "merge_into": (None, "merge_into"),
-    "device": (None, "device"),
-    "seed": (None, "seed"),
-    "skip_gptq": (None, "skip_gptq"),
-    "allow_pickle": (None, "allow_pickle"),
-    "trust_remote_code": (None, "trust_remote_code"),
-    "candidates": (None, "candidates"),
-    "max_kld": (None, "max_kld"),
-    "max_ppl_ratio": (None, "max_ppl_ratio"),
-    "quant_type": ("nf4", "quant_type"),
-    "double_quant": ("nf4", "double_quant"),
-    "nf4_blocksize": ("nf4", "blocksize"),
-    "compute_dtype": ("nf4", "compute_dtype"),
-    "quant_storage": ("nf4", "quant_storage"),
-    "skip_modules": ("nf4", "skip_modules"),
-    "bits": ("gptq", "bits"),
-    "group_size": ("gptq", "group_size"),
-    "act_order": ("gptq", "desc_act"),
-    "sym": ("gptq", "sym"),
-    "damp": ("gptq", "damp"),
-    "target": ("gptq", "target"),
-    "calibration": ("data", "calibration"),
-    "calibration_samples": ("data", "calibration_samples"),
-    "eval": ("data", "eval"),
-    "eval_samples": ("data", "eval_samples"),
-    "seq_len": ("data", "seq_len"),
-    "allow_overlap": ("data", "allow_overlap"),
-    "eval_batch": ("data", "eval_batch"),
-}
-LISTS = ("skip_modules", "candidates", "eval")  # tuple settings; a recipe or flag may write them comma-separated
 _SECTIONS = {"nf4": NF4Settings, "gptq": GPTQSettings, "data": DataSettings}
+_RENAMED = {("nf4", "blocksize"): "nf4_blocksize", ("gptq", "desc_act"): "act_order"}  # flags that say more than their field
+_PER_INVOCATION = ("overwrite", "resume", "nf4_given")  # not settings of the run: how this invocation treats DIR, or derived
+
+
+def _keys() -> dict[str, tuple[str | None, str]]:
+    """Flat key -> (section, field), section None for RunSettings' own fields: one per field of the settings."""
+    keys = {f.name: (None, f.name) for f in fields(RunSettings) if f.name not in (*_PER_INVOCATION, *_SECTIONS)}
+    for section, cls in _SECTIONS.items():
+        keys.update({_RENAMED.get((section, f.name), f.name): (section, f.name) for f in fields(cls)})
+    return keys
+
+
+KEYS = _keys()
+LISTS = ("skip_modules", "candidates", "eval")  # tuple settings; a recipe or flag may write them comma-separated
 
 
 def defaults() -> dict:

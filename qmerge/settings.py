@@ -12,11 +12,19 @@ from pathlib import Path
 
 from qmerge.errors import QmergeError
 
+VERSION = "0.1.0"  # of qmerge: part of every stage key
+
 DTYPES = ("bfloat16", "float16", "float32")
-# Rows of the drift report (qmerge.candidates says what each is); the noise floor is added
+# Rows of the drift report (qmerge.eval.candidates says what each is); the noise floor is added
 # whenever the training compute dtype is not float32.
 CANDIDATE_KINDS = ("merged", "original", "peft-nf4", "rtn", "gptq", "gptq-original", "base")
 DEFAULT_CANDIDATES = tuple(k for k in CANDIDATE_KINDS if k != "gptq-original")  # a second GPTQ run only when asked
+
+
+def reference_kind(merge_into: str) -> str:
+    """The model the adapter was trained on follows the merge target: a QLoRA adapter ("qlora") merges
+    into the 4-bit weights it saw, a plain LoRA ("lora") into the 16-bit ones."""
+    return "qlora" if merge_into == "nf4" else "lora"
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,16 @@ class RunSettings:
     @property
     def final_kind(self) -> str:
         return "merged" if self.skip_gptq else "gptq"
+
+    @property
+    def reference_kind(self) -> str:
+        return reference_kind(self.merge_into)
+
+    @property
+    def floor_dtype(self) -> str:
+        """The dtype of the noise-floor row: the reference's 4-bit layers in the training compute
+        dtype; a plain LoRA's reference has no 4-bit layers, hence no floor (float32)."""
+        return self.nf4.compute_dtype if self.reference_kind == "qlora" else "float32"
 
     @property
     def evaluated(self) -> tuple[str, ...]:

@@ -57,12 +57,12 @@ def child(tool: str, base: Path, adapter: Path, out: Path) -> None:
         import peft  # noqa: F401
         import transformers  # noqa: F401
 
-        import qmerge.merge  # noqa: F401
+        import qmerge.merge.streaming  # noqa: F401
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from qmerge.nf4 import bnb_config
+        from qmerge.merge.nf4 import bnb_config
         from qmerge.settings import NF4Settings
 
         quant = {"quantization_config": bnb_config(NF4Settings())} if tool == "peft-nf4" else {}

@@ -75,10 +75,10 @@ def child(step: str, a: dict) -> None:
 def _windows(a: dict, role: str) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from qmerge import data
+    from qmerge.io import text
 
     count = a["calibration_samples"] if role == "calibration" else a["eval_samples"]
-    return data.windows("stdlib", role, AutoTokenizer.from_pretrained(a["base"]), a["seq_len"], count).tolist()
+    return text.windows("stdlib", role, AutoTokenizer.from_pretrained(a["base"]), a["seq_len"], count).tolist()
 
 
 def _load_for_ppl(step: str, a: dict):
@@ -88,7 +88,7 @@ def _load_for_ppl(step: str, a: dict):
     if step == "ppl-qlora":
         from peft import PeftModel
 
-        from qmerge.nf4 import bnb_config
+        from qmerge.merge.nf4 import bnb_config
         from qmerge.settings import NF4Settings
 
         model = AutoModelForCausalLM.from_pretrained(a["base"], dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"), device_map={"": a["device"]})

@@ -176,7 +176,7 @@ def write_random_llama(directory: Path, config: dict, seed: int = 0, tokenizer_f
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from qmerge.checkpoint import ShardWriter
+    from qmerge.io.checkpoint import ShardWriter
 
     cfg = LlamaConfig(**config)
     with torch.device("meta"):

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from qmerge.checkpoint import ShardWriter  # noqa: E402
+from qmerge.io.checkpoint import ShardWriter  # noqa: E402
 from qmerge.settings import NF4Settings  # noqa: E402
 
 GPU = torch.device("cuda")
@@ -55,8 +55,8 @@ def nf4_bit_exact(work: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from conftest import make_base
-    from qmerge.checkpoint import LazyCheckpoint
-    from qmerge.nf4 import bnb_config, round_trip
+    from qmerge.io.checkpoint import LazyCheckpoint
+    from qmerge.merge.nf4 import bnb_config, round_trip
 
     base = make_base(work / "nf4-base")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"), device_map={"": GPU})
@@ -177,8 +177,8 @@ def write_7b(work: Path, layers: int) -> tuple[Path, Path]:
 
 @step
 def merge_7b(work: Path, layers: int) -> None:
-    from qmerge.adapter import load_adapter
-    from qmerge.merge import merge
+    from qmerge.merge.adapter import load_adapter
+    from qmerge.merge.streaming import merge
 
     t = time.perf_counter()
     base, adapter_dir = write_7b(work, layers)
@@ -208,7 +208,7 @@ def random_windows(n: int, seed: int) -> torch.Tensor:
 @step
 def gptq_7b(work: Path, deadline: float) -> None:
     """GPTQ of the 7B-shaped merged model on the GPU, 8 random-token windows of 512 (timing only)."""
-    from qmerge.quantize import quantize
+    from qmerge.quant.gptq import quantize
     from qmerge.settings import GPTQSettings
 
     if past(deadline, "gptq 7b"):
@@ -225,19 +225,21 @@ def drift_7b(work: Path, deadline: float) -> None:
     """The drift stage on the 7B-shaped model: the reference (bitsandbytes 4-bit + adapter, float32
     compute), DIR/merged in float32 and the GPTQ model (Marlin, float16), 4 random-token windows of 512
     (timing and memory; the weights are random, so the KLDs only show that the path runs)."""
-    from qmerge import drift
-    from qmerge.adapter import load_mix
+    from qmerge.eval.drift import evaluate
+    from qmerge.merge.adapter import load_mix
+    from qmerge.models.checkpoints import load_candidate
+    from qmerge.models.reference import load_reference
 
     if past(deadline, "drift 7b"):
         return
     windows = random_windows(4, seed=1)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    reference = drift.load_reference(work / "7b-base", load_mix((str(work / "7b-adapter"),)), NF4Settings(), GPU)
-    models = {name: functools.partial(drift.load_candidate, work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
+    reference = load_reference(work / "7b-base", load_mix((str(work / "7b-adapter"),)), NF4Settings(), GPU)
+    models = {name: functools.partial(load_candidate, work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
     loaded = time.perf_counter() - t
     t = time.perf_counter()
-    result = drift.evaluate(reference, models, [windows], "bfloat16", show_progress=False)[0]
+    result = evaluate(reference, models, [windows], "bfloat16", show_progress=False)[0]
     record("7b drift reference load s / evaluate s incl. candidate loads (4x512; reference, noise floor, " + ", ".join(models) + ") / peak GPU MB",
            [round(loaded, 1), round(time.perf_counter() - t, 1), round(torch.cuda.max_memory_allocated() / 2**20)])
     record("7b drift mean KLD (random weights)", {name: m["kld_mean"] for name, m in result["metrics"].items()})

@@ -1,90 +1,57 @@
-"""report.json (versioned schema) and report.md, plus the table printed at the end of a run."""
+"""report.md, and the drift table printed at the end of a run and put in the model card."""
 
 from __future__ import annotations
 
-import json
-import platform
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-
-import torch
-
-SCHEMA_VERSION = 2
-LIBRARIES = ("qmerge", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "optimum", "safetensors", "accelerate")
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A pipe table; a '|' inside a cell is escaped so it does not end the cell."""
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
-def library_versions() -> dict[str, str | None]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "platform": platform.platform(), "python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def write(report: dict, out_dir: Path) -> None:
-    from qmerge import html  # here, not at the top: html imports this module when it renders
-
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown(report))
-    (out_dir / "report.html").write_text(html.render(report))
-
-
-def _size(entry: dict) -> str:
+def _size(entry: dict) -> list[str]:
     if entry.get("size_bytes") is None:
-        return "- | -"
+        return ["-", "-"]
     bpw = "-" if entry["bits_per_weight"] is None else f"{entry['bits_per_weight']:.3f}"
-    return f"{entry['size_bytes'] / 1e6:.1f} | {bpw}"
+    return [f"{entry['size_bytes'] / 1e6:.1f}", bpw]
+
+
+TABLE = ["model", "size MB", "bits/weight", "PPL ± SE", "PPL ratio", "mean KLD ± SE", "KLD % of fine-tune", "KLD p99", "KLD max", "top-1 agree ± SE"]
+DETAIL = ["model", "KLD median", "KLD p90", "KLD p99.9", "top-5 agree ± SE", "Δp mean ± SE", "Δp RMS", "Δp p1 / p99", "NLL corr", "bits/byte (ref)"]
 
 
 def table(report: dict, index: int = 0) -> str:
     """One row per candidate against the reference on eval set `index`: the numbers people compare.
     With the base-without-adapter row present, each mean KLD also reads as a share of the base's,
     i.e. of how far the fine-tune itself moved the model."""
-    evaluation = report["evaluations"][index]
-    metrics = evaluation["metrics"]
+    metrics = report["evaluations"][index]["metrics"]
     base = next((metrics[n] for n, c in report["candidates"].items() if c["kind"] == "base" and n in metrics), None)
-    head = (
-        "| model | size MB | bits/weight | PPL ± SE | PPL ratio | mean KLD ± SE | KLD % of fine-tune | KLD p99 | KLD max | top-1 agree ± SE |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
-    )
     rows = []
     first = next(iter(metrics.values()), None)
     if first:
-        rows.append(f"| {report['reference']['name']} | - | - | {first['ppl_ref']:.4f} ± {first['ppl_ref_se']:.4f} | 1 | 0 | 0 | 0 | 0 | 100% |")
+        rows.append([report["reference"]["name"], "-", "-", f"{first['ppl_ref']:.4f} ± {first['ppl_ref_se']:.4f}", "1", "0", "0", "0", "0", "100%"])
     for name, m in metrics.items():
         share = f"{100 * m['kld_mean'] / base['kld_mean']:.3g}%" if base and base["kld_mean"] else "-"
-        rows.append(
-            f"| {name} | {_size(report['candidates'].get(name, {}))} | {m['ppl']:.4f} ± {m['ppl_se']:.4f} | {m['ppl_ratio']:.5f} "
-            f"| {m['kld_mean']:.3e} ± {m['kld_mean_se']:.1e} | {share} | {m['kld_p99']:.3e} | {m['kld_max']:.3e} "
-            f"| {100 * m['top1_agreement']:.2f}% ± {100 * m['top1_agreement_se']:.2f} |"
-        )
-    return head + "\n".join(rows) + "\n"
+        rows.append([
+            name, *_size(report["candidates"].get(name, {})), f"{m['ppl']:.4f} ± {m['ppl_se']:.4f}", f"{m['ppl_ratio']:.5f}",
+            f"{m['kld_mean']:.3e} ± {m['kld_mean_se']:.1e}", share, f"{m['kld_p99']:.3e}", f"{m['kld_max']:.3e}",
+            f"{100 * m['top1_agreement']:.2f}% ± {100 * m['top1_agreement_se']:.2f}",
+        ])
+    return md_table(TABLE, rows)
 
 
 def detail_table(report: dict, index: int = 0) -> str:
     """The rest of llama.cpp's statistics, per candidate, on eval set `index`."""
-    head = (
-        "| model | KLD median | KLD p90 | KLD p99.9 | top-5 agree ± SE | Δp mean ± SE | Δp RMS | Δp p1 / p99 | NLL corr | bits/byte (ref) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
-    )
     rows = []
     for name, m in report["evaluations"][index]["metrics"].items():
         bpb = f"{m['bits_per_byte']:.4f} ({m['bits_per_byte_ref']:.4f})" if "bits_per_byte" in m else "-"
-        rows.append(
-            f"| {name} | {m['kld_median']:.3e} | {m['kld_p90']:.3e} | {m['kld_p999']:.3e} | {100 * m['top5_agreement']:.2f}% ± {100 * m['top5_agreement_se']:.2f} "
-            f"| {m['delta_p_mean']:+.2e} ± {m['delta_p_mean_se']:.1e} | {m['delta_p_rms']:.2e} | {m['delta_p_p1']:+.2e} / {m['delta_p_p99']:+.2e} "
-            f"| {m['nll_correlation']:.5f} | {bpb} |"
-        )
-    return head + "\n".join(rows) + "\n"
+        rows.append([
+            name, f"{m['kld_median']:.3e}", f"{m['kld_p90']:.3e}", f"{m['kld_p999']:.3e}", f"{100 * m['top5_agreement']:.2f}% ± {100 * m['top5_agreement_se']:.2f}",
+            f"{m['delta_p_mean']:+.2e} ± {m['delta_p_mean_se']:.1e}", f"{m['delta_p_rms']:.2e}", f"{m['delta_p_p1']:+.2e} / {m['delta_p_p99']:+.2e}",
+            f"{m['nll_correlation']:.5f}", bpb,
+        ])
+    return md_table(DETAIL, rows)
 
 
 def layer_table(report: dict, index: int = 0) -> str:
@@ -95,13 +62,11 @@ def layer_table(report: dict, index: int = 0) -> str:
     loss: dict[int, float] = {}
     for row in report.get("gptq_log", []):
         loss[row["layer"]] = loss.get(row["layer"], 0.0) + row["loss"]
-    head = "| layer | " + " | ".join(names) + " | GPTQ loss (sum over modules) |\n|---" + "|---" * (len(names) + 1) + "|\n"
     rows = []
     for i in range(max((len(v) for v in layers.values()), default=0)):
         cells = [f"{layers[n][i]['rel_error']:.2e} / {layers[n][i]['cosine']:.6f}" for n in names]
-        gptq_loss = f"{loss[i]:.3e}" if i in loss else "-"
-        rows.append(f"| {i} | " + " | ".join(cells) + f" | {gptq_loss} |")
-    return head + "\n".join(rows) + "\n"
+        rows.append([str(i), *cells, f"{loss[i]:.3e}" if i in loss else "-"])
+    return md_table(["layer", *names, "GPTQ loss (sum over modules)"], rows)
 
 
 def _evaluation_section(report: dict, index: int) -> str:
@@ -137,7 +102,7 @@ def reference_words(report: dict) -> str:
 
 
 def verified(report: dict) -> str:
-    """The merge stage's check against PEFT's own merge and logits (qmerge.verify), when it ran."""
+    """The merge stage's check against PEFT's own merge and logits (qmerge.eval.verify), when it ran."""
     v = report.get("merge", {}).get("verify")
     if not v:
         return ""

@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import AutoModelForCausalLM
 
-from qmerge.adapter import Adapter, Mix, check_fits
-from qmerge.nf4 import Source
+from qmerge.merge.adapter import Adapter, Mix, check_fits
+from qmerge.merge.source import Source
 from qmerge.errors import QmergeError
-from qmerge.lora import F32, Edit, Replace, TokenRows
+from qmerge.merge.lora import F32, Edit, Replace, TokenRows
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Edits:
 
 
 def build_edits(mix: Mix, config, base: Source, trust_remote_code: bool = False) -> Edits:
-    """Edits for a merge into `base` (its tensors as the adapter saw them: qmerge.nf4.as_trained), validated first: every adapter fits the base, and only adapters
+    """Edits for a merge into `base` (its tensors as the adapter saw them: qmerge.merge.source.as_trained), validated first: every adapter fits the base, and only adapters
     that add deltas are weighted or mixed (DoRA's norm, replaced tensors and token rows are not linear).
     The returned Edits' mix is the one to merge and to build baselines from (saved copies of base
     tensors dropped)."""

@@ -3,7 +3,7 @@ on the hub as people expect a quantized model to."""
 
 from __future__ import annotations
 
-from qmerge import report
+from qmerge.report.markdown import merged_into, table
 
 
 def render(rep: dict) -> str:
@@ -26,7 +26,7 @@ tags:
 
 # {g['bits']}-bit GPTQ of `{base}` + QLoRA adapter `{adapter}`
 
-The adapter was {report.merged_into(rep)} by qmerge, then quantized with GPTQModel:
+The adapter was {merged_into(rep)} by qmerge, then quantized with GPTQModel:
 format gptq (v1), {g['bits']}-bit, group size {g['group_size']}, sym={g['sym']}, desc_act={g['desc_act']},
 int32 packing, calibrated on `{s['data']['calibration']}` ({rep['inputs']['calibration_windows']} windows of
 {s['data']['seq_len']} tokens).
@@ -36,7 +36,7 @@ int32 packing, calibrated on `{s['data']['calibration']}` ({rep['inputs']['calib
 Eval on `{rep['evaluations'][0]['eval']}`; KLD = KL(as trained ‖ model); standard errors clustered by window;
 size = bytes of tensor data, bits/weight over the quantized linear layers.
 
-{report.table(rep)}
+{table(rep)}
 ## Servers
 
 | server | loads | note |

@@ -14,10 +14,11 @@ import json
 import math
 from pathlib import Path
 
-from qmerge import html
 from qmerge.errors import QmergeError
-
-SCHEMA_VERSION = 2
+from qmerge.report.charts import PALETTE, Axis, Row, dot_plot
+from qmerge.report.html import escape, figure, markdown_to_html, page
+from qmerge.report.markdown import md_table
+from qmerge.report.schema import SCHEMA_VERSION
 Z_CRITICAL = 1.96  # two-sided 5%
 SIGNIFICANCE = (
     f"significant (marked *) means |z| > {Z_CRITICAL} (two-sided 5% level; no correction for the number of "
@@ -146,21 +147,20 @@ def _streams(ev: dict) -> str:
     return "; ".join(said) + "."
 
 
+COLUMNS = ["candidate", "report", "size MB", "mean KLD ± SE", "PPL ratio", "top-1 agree ± SE", "Δ mean KLD (z)", "Δ ln PPL ratio (z)", "Δ top-1 (z)", "test"]
+
+
 def _table(ev: dict) -> str:
-    head = (
-        "| candidate | report | size MB | mean KLD ± SE | PPL ratio | top-1 agree ± SE | Δ mean KLD (z) | Δ ln PPL ratio (z) | Δ top-1 (z) | test |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
-    )
     rows = []
     for r in ev["rows"]:
         size = f"{r['size_bytes'] / 1e6:.1f}" if r["size_bytes"] else "-"
         vs = r.get("vs")
-        deltas = " | ".join(_delta(vs[stat], fmt) if vs else "-" for stat, (_, _, _, fmt) in STATS.items())
-        rows.append(
-            f"| {_cell(r['candidate'])} | {r['report']} | {size} | {r['kld_mean']:.3e} ± {r['kld_mean_se']:.1e} | {r['ppl_ratio']:.5f} "
-            f"| {100 * r['top1_agreement']:.2f}% ± {100 * r['top1_agreement_se']:.2f} | {deltas} | {vs['test'] if vs else '-'} |"
-        )
-    return head + "\n".join(rows) + "\n"
+        deltas = [_delta(vs[stat], fmt) if vs else "-" for stat, (_, _, _, fmt) in STATS.items()]
+        rows.append([
+            r["candidate"], r["report"], size, f"{r['kld_mean']:.3e} ± {r['kld_mean_se']:.1e}", f"{r['ppl_ratio']:.5f}",
+            f"{100 * r['top1_agreement']:.2f}% ± {100 * r['top1_agreement_se']:.2f}", *deltas, vs["test"] if vs else "-",
+        ])
+    return md_table(COLUMNS, rows)
 
 
 def _delta(d: dict, fmt) -> str:
@@ -168,20 +168,15 @@ def _delta(d: dict, fmt) -> str:
     return f"{fmt(d['diff'])} ({z})" + (" *" if d["significant"] else "")
 
 
-def _cell(text: str) -> str:
-    """A name inside a markdown table cell: a '|' would end the cell."""
-    return text.replace("|", "\\|")
-
-
 def html_page(result: dict) -> str:
     """The markdown as HTML, plus mean KLD ± SE of every candidate in every report, per eval set."""
     charts = []
     for ev in result["evaluations"]:
-        colours = {r["label"]: html.PALETTE[i % len(html.PALETTE)] for i, r in enumerate(result["reports"])}
-        rows = [html.Row(f"{r['candidate']} — {r['report']}", r["kld_mean"], r["kld_mean_se"], colours[r["report"]]) for r in ev["rows"]]
-        axis = html.Axis.fit([v for r in rows for v in (r.value - r.se, r.value + r.se)], log=True)
-        charts.append(html.figure(html.dot_plot(rows, axis, "mean KLD ± SE (log scale)"), f"Mean KLD ± SE per candidate and report, eval <code>{html.escape(str(ev['eval']))}</code>."))
-    return html.page("qmerge compare", html.markdown_to_html(markdown(result)) + "\n" + "\n".join(charts))
+        colours = {r["label"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(result["reports"])}
+        rows = [Row(f"{r['candidate']} — {r['report']}", r["kld_mean"], r["kld_mean_se"], colours[r["report"]]) for r in ev["rows"]]
+        axis = Axis.fit([v for r in rows for v in (r.value - r.se, r.value + r.se)], log=True)
+        charts.append(figure(dot_plot(rows, axis, "mean KLD ± SE (log scale)"), f"Mean KLD ± SE per candidate and report, eval <code>{escape(str(ev['eval']))}</code>."))
+    return page("qmerge compare", markdown_to_html(markdown(result)) + "\n" + "\n".join(charts))
 
 
 def run(paths: list[Path], html_out: Path | None) -> dict:

@@ -1,6 +1,6 @@
 """A PEFT LoRA adapter as per-tensor edits of the base, validated against the base before any heavy work.
 
-Every tensor PEFT's LoRA saves becomes an edit of one base tensor (qmerge.lora): scale·B·A on linear
+Every tensor PEFT's LoRA saves becomes an edit of one base tensor (qmerge.merge.lora): scale·B·A on linear
 layers, embeddings and lm_head (scale alpha/r, alpha/√r with rslora, rank_pattern/alpha_pattern
 matched by PEFT's `get_pattern_key`), DoRA's magnitude, lora_bias, modules_to_save and
 trainable_token_indices. Which modules were targeted (target_modules as a list, a regex or
@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 from peft.utils.other import get_pattern_key
 
-from qmerge.checkpoint import LazyCheckpoint, PickledCheckpoint
-from qmerge.engine import gptqmodel
+from qmerge.io.checkpoint import LazyCheckpoint, PickledCheckpoint
 from qmerge.errors import QmergeError
-from qmerge.inputs import resolve
-from qmerge.lora import ORDER, Edit, LoraBias, LoraDelta, Replace, TokenRows
-from qmerge.nf4 import Source
+from qmerge.io.inputs import resolve
+from qmerge.merge.lora import ORDER, Edit, LoraBias, LoraDelta, Replace, TokenRows
+from qmerge.merge.source import Source
 
 PREFIX = "base_model.model."
 _LORA = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
@@ -50,7 +49,7 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 class Adapter:
     directory: Path
     config: dict
-    edits: dict[str, tuple[Edit, ...]]  # base tensor name -> its edits, in qmerge.lora.ORDER
+    edits: dict[str, tuple[Edit, ...]]  # base tensor name -> its edits, in qmerge.merge.lora.ORDER
 
     @property
     def base_model_name(self) -> str | None:
@@ -261,25 +260,3 @@ def check_fits(adapter: Adapter, base: Source, aliases: dict[str, str] | None = 
             implied = edit.misfit(shape)
             if implied is not None:
                 raise QmergeError(f"adapter's {key} is {implied} but the base's is {'x'.join(map(str, shape))}; the adapter was trained on another model")
-
-
-def peft_model(model: torch.nn.Module, mix: Mix):
-    """The mix as PEFT runs it, unmerged: each adapter loaded under its own name, all active at once,
-    each layer's scaling multiplied by its weight. LoRA layers sum their active adapters' outputs, so
-    this is exactly base + Σ weight·Δ (qmerge.edits refuses mixes that are not a linear combination)."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    gptqmodel()  # PEFT imports it while setting up the model: import it here, where its tracebacks are dropped
-    names = ["default", *(f"adapter{i}" for i in range(1, len(mix)))]
-    peft = PeftModel.from_pretrained(model, mix[0].adapter.directory)
-    for name, part in zip(names[1:], mix[1:]):
-        peft.load_adapter(part.adapter.directory, adapter_name=name)
-    if len(mix) > 1:
-        peft.base_model.set_adapter(names)
-    for layer in peft.modules():
-        if isinstance(layer, LoraLayer):
-            for name, part in zip(names, mix):
-                if name in layer.scaling:
-                    layer.scaling[name] *= part.weight
-    return peft

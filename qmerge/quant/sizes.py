@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from qmerge.io.dtypes import BY_CODE
 from qmerge.settings import GPTQSettings
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def checkpoint_layout(directory: Path) -> dict[str, int]:
@@ -27,7 +26,7 @@ def checkpoint_layout(directory: Path) -> dict[str, int]:
         with safe_open(path, "pt") as f:
             for key in f.keys():
                 s = f.get_slice(key)
-                layout[key] = _ITEMSIZE[s.get_dtype()] * _numel(s.get_shape())
+                layout[key] = BY_CODE[s.get_dtype()].itemsize * _numel(s.get_shape())
     return layout
 
 

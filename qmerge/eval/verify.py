@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from qmerge.checkpoint import LazyCheckpoint
 from qmerge.errors import VerifyError
-from qmerge.adapter import Mix, peft_model
-from qmerge.drift import load_candidate, load_reference
-from qmerge.metrics import compare
-from qmerge.nf4 import dequantized
-from qmerge.rss import release
+from qmerge.eval.metrics import compare
+from qmerge.io.checkpoint import LazyCheckpoint
+from qmerge.io.memory import release
+from qmerge.merge.adapter import Mix
+from qmerge.models.base import dequantized
+from qmerge.models.checkpoints import load_candidate
+from qmerge.models.reference import load_reference, peft_model
 from qmerge.settings import NF4Settings
 
 _HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
@@ -140,10 +141,10 @@ def _sequences(base_dir: Path, trust_remote_code: bool) -> torch.Tensor:
     """A few eval windows of the built-in text (the stdlib preset), tokenized by the base's tokenizer."""
     from transformers import AutoTokenizer
 
-    from qmerge import data
+    from qmerge.io import text
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    return data.windows("stdlib", "eval", tokenizer, SEQ_LEN, SEQUENCES)
+    return text.windows("stdlib", "eval", tokenizer, SEQ_LEN, SEQUENCES)
 
 
 @torch.inference_mode()

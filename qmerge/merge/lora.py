@@ -50,7 +50,7 @@ class LoraDelta:
     def apply(self, w: torch.Tensor, weight: float, device: torch.device) -> torch.Tensor:
         if self.magnitude is None:
             return w + weight * self.delta(device)
-        v = w + self.delta(device)  # DoRA is merged alone with weight 1 (qmerge.edits refuses the rest)
+        v = w + self.delta(device)  # DoRA is merged alone with weight 1 (qmerge.merge.edits refuses the rest)
         return (self.magnitude.to(device, F32) / torch.linalg.norm(v, dim=1)).unsqueeze(1) * v
 
     def misfit(self, shape: tuple[int, ...]) -> str | None:

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qmerge.errors import QmergeError
+from qmerge.io.dtypes import BY_TORCH
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -125,11 +126,6 @@ def _read_json(path: Path) -> dict:
 # tensor entries; a shard whose header would outgrow it is closed early, like a full one.
 HEADER_BYTES = 64 * 1024
 
-_DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 
 
 class ShardWriter:
@@ -215,9 +211,9 @@ class ShardWriter:
 
 
 def _entry(tensor: torch.Tensor, offset: int) -> dict:
-    if tensor.dtype not in _DTYPE_CODES:
+    if tensor.dtype not in BY_TORCH:
         raise QmergeError(f"cannot write a {tensor.dtype} tensor to safetensors; use --merged-dtype bfloat16, float16 or float32")
-    return {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.numel() * tensor.element_size()]}
+    return {"dtype": BY_TORCH[tensor.dtype].code, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.numel() * tensor.element_size()]}
 
 
 def _entry_len(key: str, tensor: torch.Tensor, offset: int) -> int:

@@ -18,9 +18,15 @@ from pathlib import Path
 
 import torch
 
-from qmerge import drift, nf4, rtn, sizes
-from qmerge.adapter import Mix
+from qmerge.eval.drift import NOISE_FLOOR
+from qmerge.merge.adapter import Mix
+from qmerge.models.base import dequantized
+from qmerge.models.checkpoints import candidate_dtype, load_baseline, load_candidate
+from qmerge.models.reference import peft_nf4
+from qmerge.quant import rtn, sizes
 from qmerge.settings import GPTQSettings, NF4Settings
+
+REFERENCES = {"qlora": "reference (QLoRA as trained)", "lora": "reference (LoRA on the 16-bit base)"}
 
 CONTEXT = ("base", "noise-floor")
 STAGE_DIRS = {"merged": "merged", "gptq": "gptq", "gptq-original": "gptq-original"}
@@ -51,7 +57,7 @@ def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4") -> str:
         "gptq": f"gptq {grid}",
         "gptq-original": f"gptq {grid} of the original-base merge",
         "base": "base without adapter (the fine-tune's own effect)",
-        "noise-floor": drift.NOISE_FLOOR,
+        "noise-floor": NOISE_FLOOR,
     }[kind]
 
 
@@ -63,24 +69,24 @@ def path_of(kind: str, src: Sources) -> Path | None:
 
 def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int] | None]:
     """The model of one candidate (not the noise floor, which is the reference itself) and the bytes
-    per tensor of its checkpoint format (see qmerge.sizes). `reference` is drift.load_reference's
+    per tensor of its checkpoint format (see qmerge.quant.sizes). `reference` is models.reference.load_reference's
     model, which "peft-nf4" copies (it is a QLoRA reference whenever that row exists)."""
     remote = src.trust_remote_code
     if kind in STAGE_DIRS:
         path = path_of(kind, src)
-        return drift.load_candidate(path, src.device, remote), sizes.checkpoint_layout(path)
+        return load_candidate(path, src.device, remote), sizes.checkpoint_layout(path)
     if kind == "base":  # no size for a pickled base (--allow-pickle)
-        return drift.load_baseline(kind, src.base_dir, src.mix, src.device, remote), sizes.checkpoint_layout(src.base_dir) or None
+        return load_baseline(kind, src.base_dir, src.mix, src.device, remote), sizes.checkpoint_layout(src.base_dir) or None
     linears = set(src.linears)
     merged = sizes.checkpoint_layout(src.out / "merged")  # every other tensor, stored as DIR/merged stores it
     if kind == "rtn":
-        model = rtn.apply(drift.load_candidate(src.out / "merged", src.device, remote), linears, src.gptq)
+        model = rtn.apply(load_candidate(src.out / "merged", src.device, remote), linears, src.gptq)
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
-        model = drift.peft_nf4(reference)
+        model = peft_nf4(reference)
         layout = sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
-        return nf4.dequantized(model), layout
-    model = drift.load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)
+        return dequantized(model), layout
+    model = load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)
     return model, merged  # "original": the same tensors and dtype as DIR/merged
 
 
@@ -88,7 +94,7 @@ def compute_dtype(kind: str, src: Sources) -> str:
     if kind == "noise-floor":
         return src.nf4.compute_dtype
     path = path_of(kind, src)
-    dtype = drift.candidate_dtype(path, src.device) if kind in STAGE_DIRS else torch.float32
+    dtype = candidate_dtype(path, src.device) if kind in STAGE_DIRS else torch.float32
     return str(dtype).removeprefix("torch.")
 
 

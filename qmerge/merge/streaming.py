@@ -1,4 +1,4 @@
-"""The adapters' edits (qmerge.edits) of the weights as trained, streamed tensor by tensor from the
+"""The adapters' edits (qmerge.merge.edits) of the weights as trained, streamed tensor by tensor from the
 base into HF-style shards.
 
 Only one base tensor (plus the current output shard) is in memory at a time; the NF4 round trip and
@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qmerge.adapter import Adapter, Mix, Weighted
-from qmerge.checkpoint import INDEX_NAME, ShardWriter
-from qmerge.edits import build_edits
-from qmerge.lora import LoraDelta
-from qmerge.nf4 import as_trained, torch_dtype
+from qmerge.merge.adapter import Adapter, Mix, Weighted
+from qmerge.io.checkpoint import INDEX_NAME, ShardWriter
+from qmerge.merge.edits import build_edits
+from qmerge.merge.lora import LoraDelta
+from qmerge.io.dtypes import torch_dtype
+from qmerge.merge.source import as_trained
 from qmerge.settings import NF4Settings
 
 _WEIGHT_FILES = ("*.safetensors", INDEX_NAME, "*.bin", "*.pt", "*.pth", "*.gguf")
@@ -51,7 +52,7 @@ def merge(
     A pre-quantized bitsandbytes 4-bit base is read from its stored tensors (into="nf4" only).
     adapter: one adapter, a mix of weighted adapters (Σ weight·Δ), or None for the base's 4-bit weights alone.
     """
-    from qmerge.inputs import load_base_config
+    from qmerge.io.inputs import load_base_config
 
     config = load_base_config(base_dir, trust_remote_code)
     source = as_trained(base_dir, config, nf4, into, allow_pickle, trust_remote_code)

@@ -17,107 +17,18 @@ chunks of positions (`metrics.compare`).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
-from qmerge.adapter import Mix, peft_model
-from qmerge.edits import apply_to_model
-from qmerge.metrics import compare, kld_histogram, per_window, summarize
-from qmerge.nf4 import load_base, torch_dtype
-from qmerge.rss import release
-from qmerge.settings import NF4Settings
+from qmerge.eval.metrics import compare, kld_histogram, per_window, summarize
+from qmerge.io.dtypes import torch_dtype
+from qmerge.io.memory import release
+from qmerge.models.base import set_4bit_compute_dtype
 
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
-
-
-def load_reference(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False, kind: str = "qlora"):
-    """Base as the adapter saw it (qlora: quantized by bitsandbytes at load, or pre-quantized; lora:
-    16-bit) + the adapters, unmerged: the model as trained."""
-    return peft_model(load_base(base_dir, nf4, device, kind, trust_remote_code), mix).eval()
-
-
-def peft_nf4(reference: torch.nn.Module) -> torch.nn.Module:
-    """PEFT's own merge on the 4-bit model (merge_and_unload): dequantize, add the delta, and re-round
-    the sum to NF4, a second rounding the adapter never saw. Made from a copy of the QLoRA reference
-    (a "qlora" load_reference), which spares bitsandbytes quantizing the base once more."""
-    import copy
-
-    return copy.deepcopy(reference).merge_and_unload().eval()
-
-
-def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
-    """The dtype a candidate computes in: float32, except a quantized checkpoint on CUDA: GPTQModel
-    picks Marlin there, which computes in float16 only (as servers run it)."""
-    return torch.float16 if _quantized(path) and device.type == "cuda" else torch.float32
-
-
-def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = False):
-    """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config); a
-    float checkpoint in its stored dtype, computing in float32 (see float32_compute)."""
-    load = dict(device_map={"": device}, trust_remote_code=trust_remote_code)
-    if _quantized(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), **load).eval()
-    return float32_compute(AutoModelForCausalLM.from_pretrained(path, dtype="auto", **load)).eval()
-
-
-def _quantized(path: Path) -> bool:
-    return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
-
-
-class _Float32Linear(torch.nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
-
-
-class _Float32Embedding(torch.nn.Embedding):
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).float()  # rows looked up, then upcast: the same values as a float32 table
-
-
-def float32_compute(model: torch.nn.Module) -> torch.nn.Module:
-    """Compute in float32 while holding a 16-bit model's weights in 16 bits: every Linear upcasts its
-    weight when it runs and every Embedding upcasts the rows it looks up, both exact, so the logits are
-    bit-identical to a float32 copy's (tests/test_drift.py checks with torch.equal) at half its memory.
-    The small tensors (norms, biases, buffers) become float32."""
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.__class__ = _Float32Linear
-        elif type(module) is torch.nn.Embedding:
-            module.__class__ = _Float32Embedding
-        big = {"weight"} if isinstance(module, (_Float32Linear, _Float32Embedding)) else set()
-        for name, param in module.named_parameters(recurse=False):
-            if param.is_floating_point() and name not in big:
-                param.data = param.data.float()
-        for name, buf in module.named_buffers(recurse=False):
-            if buf.is_floating_point():
-                module._buffers[name] = buf.float()  # in place of the entry: persistence unchanged
-    return model
-
-
-def load_baseline(kind: str, base_dir: Path, mix: Mix, device: torch.device, trust_remote_code: bool = False, store_dtype: str | None = None):
-    """Built in memory: "original" adds the adapter to the original 16-bit weights (what most merge
-    tools do), rounded to `store_dtype` as a merged checkpoint stores it; "base" is the base model
-    without the adapter (context: how far the fine-tune itself moved the model)."""
-    model = load_base(base_dir, None, device, "lora", trust_remote_code)  # a pre-quantized base has no "original" row
-    if kind == "original":
-        apply_to_model(model, mix, device)
-        if store_dtype is not None:
-            model = float32_compute(model.to(torch_dtype(store_dtype)))
-    return model.eval()
-
-
-def _set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.compute_dtype = dtype
 
 
 class LayerDrift:
@@ -170,9 +81,9 @@ class Tally:
         ref_out = reference(input_ids=inputs, output_hidden_states=True)
         for name, model in models.items():  # one model's outputs alive at a time: 100 MB of logits each for SmolLM2
             if model is None:
-                _set_4bit_compute_dtype(reference, floor_dtype)
+                set_4bit_compute_dtype(reference, floor_dtype)
                 out = reference(input_ids=inputs, output_hidden_states=True)
-                _set_4bit_compute_dtype(reference, torch.float32)
+                set_4bit_compute_dtype(reference, torch.float32)
             else:
                 out = model(input_ids=inputs, output_hidden_states=True)
             self.layers.setdefault(name, LayerDrift()).add(ref_out.hidden_states, out.hidden_states)

@@ -14,52 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qmerge.engine import gptqmodel
-from qmerge.errors import QmergeError
+from qmerge.models.engine import gptqmodel
 from qmerge.settings import GPTQSettings
 
 LOG_NAME = "quantize.log"
-
-
-def check_group_size(shapes: dict[str, tuple[int, ...]], gptq: GPTQSettings) -> None:
-    """GPTQ kernels refuse a checkpoint whose in_features a group does not divide (SmolLM2: 576 % 128):
-    find that out now, not after quantizing."""
-    if gptq.group_size == -1:
-        return
-    bad = sorted({shape[1] for shape in shapes.values() if shape[1] % gptq.group_size})
-    if bad:
-        fits = [g for g in (128, 64, 32, 16) if all(s[1] % g == 0 for s in shapes.values())]
-        hint = f"--group-size {fits[0]}" if fits else "--group-size -1"
-        raise QmergeError(f"--group-size {gptq.group_size} does not divide in_features {bad[0]} of this model's linear layers; use {hint}")
-
-
-def servers(gptq: GPTQSettings, in_features: set[int]) -> dict[str, dict]:
-    """Which servers load a checkpoint of these settings, and why not where they do not.
-
-    transformers (through GPTQModel) loads every format qmerge writes; vLLM and SGLang serve GPTQ on
-    NVIDIA GPUs through gptq_marlin, which takes symmetric 4- or 8-bit weights whose group size
-    divides every quantized layer's in_features."""
-    marlin = []
-    if gptq.bits not in (4, 8):
-        marlin.append(f"{gptq.bits}-bit (Marlin takes 4 or 8)")
-    if not gptq.sym:
-        marlin.append("asymmetric (Marlin takes sym only)")
-    if gptq.group_size != -1 and any(n % gptq.group_size for n in in_features):
-        marlin.append(f"group size {gptq.group_size} does not divide every in_features")
-    why = "; ".join(marlin)
-    return {
-        "transformers": {"loads": True, "why": "GPTQModel kernels (Marlin on CUDA, torch on CPU)"},
-        "vllm": {"loads": not marlin, "why": why or "gptq_marlin"},
-        "sglang": {"loads": not marlin, "why": why or "gptq_marlin"},
-    }
-
-
-def check_target(gptq: GPTQSettings, in_features: set[int]) -> None:
-    """Refuse, before any work, settings the chosen server cannot load."""
-    if gptq.target != "any":
-        verdict = servers(gptq, in_features)[gptq.target]
-        if not verdict["loads"]:
-            raise QmergeError(f"--target {gptq.target} cannot load this checkpoint: {verdict['why']}; change the GPTQ settings or the target")
 
 
 def quantize(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qmerge.engine import gptqmodel
+from qmerge.models.engine import gptqmodel
 from qmerge.settings import GPTQSettings
 
 

@@ -1,0 +1,76 @@
+"""The stage committer: each finished stage of a run is an atomic directory (qmerge.io.atomic) plus a
+manifest, DIR/manifests/STAGE.json, holding the key of the inputs and settings that produced it, the
+sha256 of every file, and what the stage reported. `--resume` reuses a stage whose manifest verifies;
+anything else is rebuilt."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from qmerge.io.atomic import building, clean_partials, write_file
+
+MANIFESTS = "manifests"
+
+
+def key_of(**parts) -> str:
+    """One digest of everything a stage's output depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_sha256(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class StageCommitter:
+    """The stage outputs under one run directory, each with its manifest."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def clean_partials(self) -> None:
+        """Remove what a killed run left half-written: stage directories and manifests."""
+        clean_partials(self.root)
+        clean_partials(self.root / MANIFESTS)
+
+    def manifest_path(self, name: str) -> Path:
+        return self.root / MANIFESTS / f"{name}.json"
+
+    def reusable(self, name: str, key: str) -> dict | None:
+        """The stage's recorded info when `name` was finished with this key and every file it listed
+        is unchanged; None otherwise."""
+        try:
+            manifest = json.loads(self.manifest_path(name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if manifest.get("key") != key:
+            return None
+        out = self.root / name
+        ok = all((out / rel).is_file() and file_sha256(out / rel) == digest for rel, digest in manifest["files"].items())
+        return manifest.get("info", {}) if ok else None
+
+    @contextlib.contextmanager
+    def commit(self, name: str, parts: dict, info: dict) -> Iterator[Path]:
+        """Yield a fresh directory; on success it becomes ROOT/name, described by a manifest of
+        `parts` (the inputs and settings that produced it, and their key) and `info` (filled in by
+        the caller meanwhile). The old manifest goes before the old output, so no manifest ever
+        describes files that are not there."""
+        manifest = self.manifest_path(name)
+        with building(self.root / name) as tmp:
+            yield tmp
+            files = files_sha256(tmp)
+            manifest.unlink(missing_ok=True)
+        manifest.parent.mkdir(exist_ok=True)  # only now: a run whose first stage failed leaves no DIR/manifests
+        record = {"stage": name, "key": key_of(**parts), "produced_by": parts, "files": files, "info": info}
+        write_file(manifest, json.dumps(record, indent=2, default=str))

@@ -1,0 +1,47 @@
+"""Candidate models from checkpoints on disk (a merged or GPTQ checkpoint) and the baselines built in
+memory from the base (the adapter merged into the original 16-bit weights; the base alone)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from qmerge.io.dtypes import torch_dtype
+from qmerge.merge.adapter import Mix
+from qmerge.merge.edits import apply_to_model
+from qmerge.models.base import load_base
+from qmerge.models.float32 import float32_compute
+
+
+def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
+    """The dtype a candidate computes in: float32, except a quantized checkpoint on CUDA: GPTQModel
+    picks Marlin there, which computes in float16 only (as servers run it)."""
+    return torch.float16 if _quantized(path) and device.type == "cuda" else torch.float32
+
+
+def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = False):
+    """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config); a
+    float checkpoint in its stored dtype, computing in float32 (see float32_compute)."""
+    load = dict(device_map={"": device}, trust_remote_code=trust_remote_code)
+    if _quantized(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), **load).eval()
+    return float32_compute(AutoModelForCausalLM.from_pretrained(path, dtype="auto", **load)).eval()
+
+
+def _quantized(path: Path) -> bool:
+    return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+
+
+def load_baseline(kind: str, base_dir: Path, mix: Mix, device: torch.device, trust_remote_code: bool = False, store_dtype: str | None = None):
+    """Built in memory: "original" adds the adapter to the original 16-bit weights (what most merge
+    tools do), rounded to `store_dtype` as a merged checkpoint stores it; "base" is the base model
+    without the adapter (context: how far the fine-tune itself moved the model)."""
+    model = load_base(base_dir, None, device, "lora", trust_remote_code)  # a pre-quantized base has no "original" row
+    if kind == "original":
+        apply_to_model(model, mix, device)
+        if store_dtype is not None:
+            model = float32_compute(model.to(torch_dtype(store_dtype)))
+    return model.eval()

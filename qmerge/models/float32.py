@@ -1,0 +1,37 @@
+"""Float32 computation over weights held in 16 bits: every Linear upcasts its weight when it runs and
+every Embedding the rows it looks up, both exact, so the logits are bit-identical to a float32 copy's
+at half its memory."""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Float32Linear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+class _Float32Embedding(torch.nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()  # rows looked up, then upcast: the same values as a float32 table
+
+
+def float32_compute(model: torch.nn.Module) -> torch.nn.Module:
+    """Compute in float32 while holding a 16-bit model's weights in 16 bits: every Linear upcasts its
+    weight when it runs and every Embedding upcasts the rows it looks up, both exact, so the logits are
+    bit-identical to a float32 copy's (tests/test_drift.py checks with torch.equal) at half its memory.
+    The small tensors (norms, biases, buffers) become float32."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = _Float32Linear
+        elif type(module) is torch.nn.Embedding:
+            module.__class__ = _Float32Embedding
+        big = {"weight"} if isinstance(module, (_Float32Linear, _Float32Embedding)) else set()
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and name not in big:
+                param.data = param.data.float()
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point():
+                module._buffers[name] = buf.float()  # in place of the entry: persistence unchanged
+    return model

@@ -13,11 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qmerge import html
+from qmerge.report.charts import PALETTE
 
 SVG = "{http://www.w3.org/2000/svg}"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (scripts/setup.sh installs Debian's chromium when run as root)")
+_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (scripts/setup.sh installs Debian's chromium when run as root)")
+
+
+def needs_chromium(test):
+    """Headless Chromium renders the page: seconds per screenshot, so the slow tier."""
+    return pytest.mark.slow(_chromium(test))
 
 
 def svgs(page: str) -> list[ET.Element]:
@@ -57,7 +62,7 @@ def assert_charts_draw(rendered: str, tmp_path: Path, every_series: bool = True)
         area = next(r for r in chart.iter(SVG + "rect") if r.get("class") == "plot-area")
         x, y, w, h = (int(float(area.get(k))) for k in ("x", "y", "width", "height"))
         crop = image[top + y + 1: top + y + h - 1, x + 1: x + w - 1]
-        used = {e.get(a) for e in chart.find(SVG + "g").iter() for a in ("stroke", "fill")} & set(html.PALETTE)
+        used = {e.get(a) for e in chart.find(SVG + "g").iter() for a in ("stroke", "fill")} & set(PALETTE)
         counts = {c: colour_pixels(crop, c) for c in used}
         drawn = min(counts.values(), default=0) >= 15 if every_series else sum(counts.values()) >= 100
         assert used and drawn, (chart.get("class"), counts)

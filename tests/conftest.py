@@ -1,8 +1,14 @@
-"""Fixtures: a tiny seeded random Llama with a trained-from-text BPE tokenizer, and a QLoRA adapter
-made the way a user makes one: PEFT on a bitsandbytes NF4 load, with random non-zero lora_B."""
+"""Fixtures: a tiny seeded random Llama with a trained-from-text BPE tokenizer, a QLoRA adapter made
+the way a user makes one (PEFT on a bitsandbytes NF4 load, with random non-zero lora_B), one shared
+`qmerge.run` of them that many tests assert on, and the CLI called in-process.
+
+Tiers: `pytest -m "not slow"` is the fast tier (minutes); the slow marker takes the embedded SmolLM2,
+SIGKILL/resume, serving, Chromium, cgroup, tmpfs and full-count hypothesis runs."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,7 +21,7 @@ def make_tokenizer(directory: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from qmerge.data import stdlib_part
+    from qmerge.io.corpus import stdlib_part
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,7 +50,7 @@ def make_qlora_adapter(base: Path, directory: Path, seed: int = 1, **lora) -> Pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qmerge.nf4 import bnb_config
+    from qmerge.merge.nf4 import bnb_config
     from qmerge.settings import NF4Settings
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"))
@@ -70,12 +76,85 @@ def tiny_adapter(tiny_base, tmp_path_factory) -> Path:
     return make_qlora_adapter(tiny_base, tmp_path_factory.mktemp("tiny") / "adapter")
 
 
+# The shared run's settings: GPTQ group 32 (the tiny model's in_features are 64 and 128), short windows.
+SMALL_RUN = {"group_size": 32, "seq_len": 64, "calibration_samples": 16, "eval_samples": 6}
+
+
+@pytest.fixture(scope="session")
+def other_text(tmp_path_factory) -> Path:
+    """A second eval set: the stdlib corpus' train part, disjoint from the calibration part."""
+    from qmerge.io.corpus import stdlib_part
+
+    path = tmp_path_factory.mktemp("eval") / "other.txt"
+    path.write_text("\n\n".join(stdlib_part("train")[:200]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_base, tiny_adapter, other_text, tmp_path_factory):
+    """One `qmerge.run` through the Python API, as a deploy script calls it: GPTQ and every candidate
+    kind (gptq-original included), two eval sets, a quality budget. Its outputs are what most tests of
+    the pipeline, the drift report and the deploy path assert on."""
+    import qmerge
+
+    return qmerge.run(str(tiny_base), str(tiny_adapter), tmp_path_factory.mktemp("run") / "out", **tiny_run_settings(other_text))
+
+
+def tiny_run_settings(other_text: Path) -> dict:
+    from qmerge.settings import CANDIDATE_KINDS
+
+    return {"max_kld": 1.0, "candidates": list(CANDIDATE_KINDS), "eval": f"stdlib,{other_text}", **SMALL_RUN}
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capfd):
+    """`qmerge ARGS...` in this process (cli.main), its exit status and what it wrote to stdout and
+    stderr (file-descriptor level, as --json redirects there): the CLI's own code path without a
+    fresh interpreter importing torch for each call."""
+    from qmerge import cli as cli_module
+
+    def call(*args: str) -> CliResult:
+        capfd.readouterr()
+        try:
+            status = cli_module.main([str(a) for a in args])
+        finally:
+            logging.disable(logging.NOTSET)  # main quiets library logging process-wide
+        out, err = capfd.readouterr()
+        return CliResult(status, out, err)
+
+    return call
+
+
+def one_line_error(result: CliResult, status: int = 2, *words: str) -> str:
+    """A refusal: exit `status`, exactly one line on stderr, naming each of `words`."""
+    assert result.returncode == status, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    if status == 2:
+        assert lines[0].startswith("qmerge: error: "), lines[0]
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def examples(quick: int, full: int) -> list:
+    """hypothesis example counts: a quick pass in the fast tier, the full count in the slow tier."""
+    return [pytest.param(quick, id=f"{quick}-examples"), pytest.param(full, id=f"{full}-examples", marks=pytest.mark.slow)]
+
+
 def reference_model(base: Path, adapter: Path):
     """The oracle: PEFT's QLoRA model (NF4 base + adapter, unmerged), computing in float32."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qmerge.nf4 import bnb_config
+    from qmerge.merge.nf4 import bnb_config
     from qmerge.settings import NF4Settings
 
     import bitsandbytes as bnb
@@ -88,7 +167,7 @@ def reference_model(base: Path, adapter: Path):
 
 
 def mean_kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """KL(P‖Q) per position, averaged: written out independently of qmerge.metrics."""
+    """KL(P‖Q) per position, averaged: written out independently of qmerge.eval.metrics."""
     lp = torch.log_softmax(p_logits.double(), -1)
     lq = torch.log_softmax(q_logits.double(), -1)
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()

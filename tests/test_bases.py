@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from conftest import mean_kld, reference_model
+from conftest import mean_kld, one_line_error, reference_model
 from qmerge import pipeline
-from qmerge.adapter import load_adapter
-from qmerge.checkpoint import LazyCheckpoint
-from qmerge.inputs import load_base_config
-from qmerge.merge import merge
-from qmerge.nf4 import as_trained, bnb_config, effective_settings
+from qmerge.prepare import prepare
+from qmerge.merge.adapter import load_adapter
+from qmerge.io.checkpoint import LazyCheckpoint
+from qmerge.io.inputs import load_base_config
+from qmerge.merge.streaming import merge
+from qmerge.merge.nf4 import bnb_config
+from qmerge.merge.source import as_trained, effective_settings
 from qmerge.settings import DataSettings, NF4Settings, RunSettings
 
 CPU = torch.device("cpu")
@@ -88,19 +88,6 @@ def test_run_on_prequantized_base_reports_it(tiny_base, tiny_adapter, prequantiz
     assert tensors(tmp_path / "pre" / "merged").keys() == tensors(tmp_path / "16" / "merged").keys()
 
 
-def qmerge_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qmerge.cli", *args], capture_output=True, text=True, timeout=600)
-
-
-def one_line(result: subprocess.CompletedProcess, status: int, *words: str) -> str:
-    assert result.returncode == status, (result.returncode, result.stderr[-2000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr[-2000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
-
-
 def with_quantization_config(base: Path, out: Path, quantization_config: dict) -> Path:
     """A copy of the base whose config.json declares another quantization (the refusal reads the config)."""
     shutil.copytree(base, out)
@@ -124,7 +111,7 @@ AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, 
         ("original-of-prequantized", ["pre-quantized 4-bit checkpoint", "no original 16-bit weights", "--merge-into nf4"]),
     ],
 )
-def test_refusals(tiny_base, tiny_adapter, prequantized, tmp_path, case, words):
+def test_refusals(tiny_base, tiny_adapter, prequantized, tmp_path, case, words, cli):
     base, extra = prequantized, []
     if case == "bnb-8bit":
         base = save_quantized(tiny_base, tmp_path / "q8", BitsAndBytesConfig(load_in_8bit=True))
@@ -133,14 +120,13 @@ def test_refusals(tiny_base, tiny_adapter, prequantized, tmp_path, case, words):
     else:
         extra = {"conflicting": ["--quant-type", "fp4"], "conflicting-blocksize": ["--nf4-blocksize", "128"], "original-of-prequantized": ["--merge-into", "original"]}[case]
     out = tmp_path / "out"
-    line = one_line(qmerge_cli("run", "--base", str(base), "--adapter", str(tiny_adapter), "--out", str(out), "--group-size", "32", *extra), 2, *words)
-    assert line.startswith("qmerge: error: ")
+    one_line_error(cli("run", "--base", base, "--adapter", tiny_adapter, "--out", out, "--group-size", "32", *extra), 2, *words)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_agreeing_settings_are_accepted(tiny_adapter, prequantized, tmp_path):
     """Settings that repeat the checkpoint's (as recipe.resolved.yaml writes them) are not a conflict."""
-    resolved = pipeline.prepare(RunSettings(
+    resolved = prepare(RunSettings(
         base=str(prequantized), adapter=str(tiny_adapter), out=tmp_path / "o", nf4=NF4Settings(compute_dtype="bfloat16"),
         nf4_given=("quant_type", "double_quant", "blocksize", "compute_dtype", "quant_storage", "skip_modules"), **RUN,
     ))
@@ -213,8 +199,8 @@ def merged(tiny_base, tiny_adapter, tmp_path_factory) -> Path:
     return out
 
 
-def test_verify_passes_a_good_merge(tiny_base, tiny_adapter, merged):
-    result = qmerge_cli("verify", str(merged), "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--json")
+def test_verify_passes_a_good_merge(tiny_base, tiny_adapter, merged, cli):
+    result = cli("verify", merged, "--base", tiny_base, "--adapter", tiny_adapter, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert summary["exit_status"] == 0 and summary["ok"] and summary["modules"] == 21 and summary["merged_dtype"] == "bfloat16"
@@ -224,7 +210,7 @@ def test_verify_passes_a_good_merge(tiny_base, tiny_adapter, merged):
 
 
 @pytest.mark.parametrize("tamper", ["flip", "other-settings"])
-def test_verify_fails_a_tampered_merge(tiny_base, tiny_adapter, merged, tmp_path, tamper):
+def test_verify_fails_a_tampered_merge(tiny_base, tiny_adapter, merged, tmp_path, tamper, cli):
     """A flipped tensor, or a merge made with other 4-bit settings (fp4 instead of nf4): exit 4, one line."""
     bad = tmp_path / "merged"
     key = "model.layers.1.mlp.down_proj.weight"
@@ -235,8 +221,8 @@ def test_verify_fails_a_tampered_merge(tiny_base, tiny_adapter, merged, tmp_path
         save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
     else:
         merge(tiny_base, load_adapter(tiny_adapter), bad, NF4Settings(quant_type="fp4"), "bfloat16", CPU, show_progress=False)
-    result = qmerge_cli("verify", str(bad), "--base", str(tiny_base), "--adapter", str(tiny_adapter))
-    line = one_line(result, 4, "qmerge: verify FAILED: worst ", "max abs err", "max rel err", "mean KLD")
+    result = cli("verify", bad, "--base", tiny_base, "--adapter", tiny_adapter)
+    line = one_line_error(result, 4, "qmerge: verify FAILED: worst ", "max abs err", "max rel err", "mean KLD")
     if tamper == "flip":
         assert key in line
     assert "worst modules" in result.stdout
@@ -245,7 +231,7 @@ def test_verify_fails_a_tampered_merge(tiny_base, tiny_adapter, merged, tmp_path
 def test_run_stops_when_the_merge_does_not_verify(tiny_base, tiny_adapter, tmp_path, monkeypatch):
     """A merge bug (simulated: the shard writer flips one tensor) stops `qmerge run` at the merge
     stage with VerifyError (exit 4 in the CLI), and no stage is committed."""
-    from qmerge import merge as merge_module
+    from qmerge.merge import streaming as merge_module
     from qmerge.errors import VerifyError
 
     key = "model.layers.0.self_attn.v_proj.weight"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qmerge import data
+from qmerge.io import corpus as data
 
 
 @pytest.fixture
@@ -40,10 +40,13 @@ def test_cached_corpus_equals_a_fresh_parse_and_a_corrupt_file_is_rebuilt(corpus
         m.setattr(data, "_parse_docstrings", lambda files: pytest.fail("parsed although the cache was valid"))
         assert _load_anew() == fresh
 
+    parses = []
+    monkeypatch.setattr(data, "_parse_docstrings", lambda files: parses.append(1) or fresh)  # the real parse was checked above
     for corrupt in (b"\xff\xfe not json", cache_file.read_bytes()[:1000], b'{"not": "a list"}', b"[1, 2]"):
         cache_file.write_bytes(corrupt)
         assert _load_anew() == fresh
         assert json.loads(cache_file.read_text(encoding="utf-8")) == list(fresh)  # and the file is whole again
+    assert len(parses) == 4  # each corrupt file was rebuilt by a parse
 
 
 def test_corpus_key_follows_the_version_path_and_files(tmp_path):

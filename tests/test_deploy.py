@@ -11,23 +11,21 @@ import pytest
 import yaml
 
 import qmerge
+from conftest import SMALL_RUN
 from qmerge import cli, recipe
 from qmerge.errors import QmergeError
-from qmerge.quantize import servers
+from qmerge.quant.servers import servers
 from qmerge.settings import GPTQSettings
 
-SMALL = {"group_size": 32, "seq_len": 64, "calibration_samples": 16, "eval_samples": 6}
-
-
 def cli_run(*args: str) -> subprocess.CompletedProcess:
+    """The installed entry point in a fresh interpreter: what a deploy script's shell sees."""
     return subprocess.run([sys.executable, "-m", "qmerge.cli", *args], capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
-def api_run(tiny_base, tiny_adapter, tmp_path_factory):
-    """The Python API, as a deploy script calls it."""
-    out = tmp_path_factory.mktemp("api") / "out"
-    return qmerge.run(str(tiny_base), str(tiny_adapter), out, max_kld=1.0, **SMALL)
+def api_run(tiny_run):
+    """The shared run, made through the Python API as a deploy script calls it (max_kld=1.0)."""
+    return tiny_run
 
 
 def test_api_returns_paths_report_and_budgets(api_run):
@@ -74,19 +72,19 @@ def test_recipe_precedence(tmp_path):
         recipe.load(bad)
 
 
-def test_cli_recipe_json_budget_and_repeat(tiny_base, tiny_adapter, tmp_path):
+def test_cli_recipe_json_budget_and_repeat(tiny_base, tiny_adapter, tmp_path, cli):
     """A deploy script's view: one JSON line on stdout, exit 3 on a failed budget, outputs kept;
     the resolved recipe repeats the run byte for byte (flags overriding it)."""
     r = tmp_path / "recipe.yaml"
-    r.write_text(yaml.safe_dump({"base": str(tiny_base), "adapter": str(tiny_adapter), "max-kld": 1e-12, **{k.replace("_", "-"): v for k, v in SMALL.items()}}))
-    first = cli_run("run", "--recipe", str(r), "--out", str(tmp_path / "a"), "--json")
+    r.write_text(yaml.safe_dump({"base": str(tiny_base), "adapter": str(tiny_adapter), "max-kld": 1e-12, **{k.replace("_", "-"): v for k, v in SMALL_RUN.items()}}))
+    first = cli_run("run", "--recipe", str(r), "--out", str(tmp_path / "a"), "--json", "--skip-gptq")
     assert first.returncode == 3, first.stderr[-2000:]
     lines = first.stdout.strip().splitlines()
     assert len(lines) == 1
     summary = json.loads(lines[0])
     assert summary["exit_status"] == 3 and summary["budgets_ok"] is False and summary["budgets"]["max_kld"]["limit"] == 1e-12
-    assert "quality budget failed: max_kld" in first.stderr and Path(summary["gptq"], "config.json").exists()
-    second = cli_run("run", "--recipe", str(tmp_path / "a" / "recipe.resolved.yaml"), "--out", str(tmp_path / "b"), "--max-kld", "1", "--skip-gptq", "--json")
+    assert "quality budget failed: max_kld" in first.stderr and Path(summary["merged"], "config.json").exists()  # outputs kept
+    second = cli("run", "--recipe", tmp_path / "a" / "recipe.resolved.yaml", "--out", tmp_path / "b", "--max-kld", "1", "--json")
     assert second.returncode == 0, second.stderr[-2000:]
     assert json.loads(second.stdout)["budgets_ok"] is True and json.loads(second.stdout)["gptq"] is None
     a, b = (tmp_path / d / "merged" / "model.safetensors" for d in ("a", "b"))
@@ -122,6 +120,7 @@ def test_push_argument_handling(api_run, monkeypatch):
         qmerge.push(api_run.out, "me/x")
 
 
+@pytest.mark.slow
 def test_gptq_checkpoint_is_served_for_real(api_run):
     """`transformers serve` on the produced GPTQ checkpoint, on 127.0.0.1: one chat completion over HTTP."""
     import os

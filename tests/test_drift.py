@@ -15,11 +15,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import qmerge
 from browser import assert_charts_draw, needs_chromium, screenshot
-from conftest import reference_model
-from qmerge import data, drift, pipeline, rtn
-from qmerge.adapter import load_mix
-from qmerge.candidates import display_name
+from conftest import one_line_error, reference_model, tiny_run_settings
+from qmerge.eval import drift
+from qmerge.io import text
+from qmerge.io.corpus import stdlib_part
+from qmerge.models.checkpoints import load_candidate
+from qmerge.models.reference import load_reference, peft_nf4
+from qmerge.quant import rtn
+from qmerge.merge.adapter import load_mix
+from qmerge.eval.candidates import display_name
 from qmerge.errors import QmergeError
 from qmerge.settings import CANDIDATE_KINDS, DataSettings, GPTQSettings, NF4Settings, RunSettings
 
@@ -29,22 +35,9 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(scope="module")
-def other_text(tmp_path_factory) -> Path:
-    """A second eval set: the stdlib corpus' train part, disjoint from the calibration part."""
-    path = tmp_path_factory.mktemp("eval") / "other.txt"
-    path.write_text("\n\n".join(data.stdlib_part("train")[:200]))
-    return path
-
-
-@pytest.fixture(scope="module")
-def run(tiny_base, tiny_adapter, other_text, tmp_path_factory) -> tuple[Path, dict]:
-    """Every candidate kind (gptq-original included) on two eval sets."""
-    out = tmp_path_factory.mktemp("drift") / "out"
-    settings = RunSettings(
-        base=str(tiny_base), adapter=str(tiny_adapter), out=out, gptq=GPTQ, candidates=CANDIDATE_KINDS,
-        data=DataSettings(calibration_samples=16, eval_samples=EVAL_WINDOWS, seq_len=SEQ, eval=("stdlib", str(other_text))),
-    )
-    return out, pipeline.run(settings, echo=False)
+def run(tiny_run) -> tuple[Path, dict]:
+    """The shared run: every candidate kind (gptq-original included) on two eval sets."""
+    return tiny_run.out, tiny_run.report
 
 
 def name(kind: str) -> str:
@@ -77,7 +70,7 @@ def test_every_candidate_has_a_row(run):
     assert c["merged"]["path"] == str(out / "merged") and c["rtn"]["path"] is None and c["peft-nf4"]["path"] is None
     assert c["noise-floor"]["compute_dtype"] == "bfloat16" and c["peft-nf4"]["compute_dtype"] == "float32"
     assert set(rep["stages"]) == {"merged", "gptq", "merged-original", "gptq-original", "drift"}
-    assert len(rep["gptq_log"]) == 14 and rep["budgets"] == {}
+    assert len(rep["gptq_log"]) == 14 and list(rep["budgets"]) == ["max_kld"] and rep["budgets"]["max_kld"]["ok"]
     for e in rep["evaluations"]:
         assert list(e["metrics"]) == list(rep["candidates"]) == list(e["layers"])
 
@@ -98,7 +91,7 @@ def test_sizes_and_bits_per_weight(run, tiny_base, tiny_adapter, tmp_path):
     assert c["rtn"]["size_bytes"] == c["gptq"]["size_bytes"]
     # PEFT's 4-bit merge as bitsandbytes itself saves it: the same bytes for the linear layers
     saved = tmp_path / "peft-nf4"
-    drift.peft_nf4(drift.load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu"))).save_pretrained(saved)
+    peft_nf4(load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu"))).save_pretrained(saved)
     from safetensors import safe_open
 
     with safe_open(saved / "model.safetensors", "pt") as f:
@@ -134,7 +127,7 @@ def test_rtn_matches_independent_rounding(run, bits):
 
 def eval_windows(tiny_base: Path) -> torch.Tensor:
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    return data.token_windows(data.stdlib_part("eval"), tok, SEQ, EVAL_WINDOWS, "eval")
+    return text.token_windows(stdlib_part("eval"), tok, SEQ, EVAL_WINDOWS, "eval")
 
 
 def test_rtn_candidate_kld_matches_recomputation(run, tiny_base, tiny_adapter):
@@ -201,29 +194,18 @@ def test_two_eval_sets(run, other_text):
 
 def test_resume_reuses_every_stage(run, tiny_base, tiny_adapter, other_text):
     out, rep = run
-    settings = RunSettings(
-        base=str(tiny_base), adapter=str(tiny_adapter), out=out, gptq=GPTQ, candidates=CANDIDATE_KINDS, resume=True,
-        data=DataSettings(calibration_samples=16, eval_samples=EVAL_WINDOWS, seq_len=SEQ, eval=("stdlib", str(other_text))),
-    )
-    again = pipeline.run(settings, echo=False)
+    again = qmerge.run(str(tiny_base), str(tiny_adapter), out, resume=True, **tiny_run_settings(other_text)).report
     assert all(st == {"reused": True} for st in again["stages"].values()) and again["evaluations"] == rep["evaluations"]
 
 
-def qmerge_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qmerge.cli", *args], capture_output=True, text=True, timeout=600)
-
-
-def test_overlapping_eval_set_is_refused_then_forced(tiny_base, tiny_adapter, tmp_path):
-    text = tmp_path / "same.txt"
-    text.write_text("\n\n".join(data.stdlib_part("eval")))
-    args = ["run", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--seq-len", "64", "--calibration", str(text),
-            "--calibration-samples", "4", "--eval", f"stdlib,{text}", "--eval-samples", "2", "--skip-gptq", "--candidates", "merged"]
-    refused = qmerge_cli(*args, "--out", str(tmp_path / "a"))
-    lines = refused.stderr.strip().splitlines()
-    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
-    assert "2 of 2 windows of eval set 'stdlib' also occur in the calibration set" in lines[0] and "--allow-overlap" in lines[0]
+def test_overlapping_eval_set_is_refused_then_forced(tiny_base, tiny_adapter, tmp_path, cli):
+    same = tmp_path / "same.txt"
+    same.write_text("\n\n".join(stdlib_part("eval")))
+    args = ["run", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--seq-len", "64", "--calibration", str(same),
+            "--calibration-samples", "4", "--eval", f"stdlib,{same}", "--eval-samples", "2", "--skip-gptq", "--candidates", "merged"]
+    one_line_error(cli(*args, "--out", tmp_path / "a"), 2, "2 of 2 windows of eval set 'stdlib' also occur in the calibration set", "--allow-overlap")
     assert not (tmp_path / "a").exists()
-    forced = qmerge_cli(*args, "--out", str(tmp_path / "b"), "--allow-overlap")
+    forced = cli(*args, "--out", tmp_path / "b", "--allow-overlap")
     assert forced.returncode == 0, forced.stderr[-2000:]
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     assert [e["calibration_overlap"] for e in rep["evaluations"]] == [1.0, 1.0]
@@ -266,7 +248,7 @@ def test_float32_compute_is_bit_identical_to_a_float32_copy(overrides, tmp_path)
     from conftest import make_base
 
     path = make_base(tmp_path / "base", seed=5, **overrides)
-    lean = drift.load_candidate(path, torch.device("cpu"))
+    lean = load_candidate(path, torch.device("cpu"))
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.randint(0, full.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -282,12 +264,12 @@ def test_candidates_are_resident_one_at_a_time(tiny_base, tiny_adapter, tmp_path
     reports every candidate in the order given, the noise floor last."""
     import weakref
 
-    reference = drift.load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu"))
+    reference = load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu"))
     alive: list[weakref.ref] = []
 
     def build():
         assert all(r() is None for r in alive), "a candidate built while another is resident"
-        model = drift.load_candidate(tiny_base, torch.device("cpu"))
+        model = load_candidate(tiny_base, torch.device("cpu"))
         alive.append(weakref.ref(model))
         return model
 
@@ -304,10 +286,10 @@ def test_nothing_of_verify_outlives_it(tiny_base, tiny_adapter, tmp_path):
     script = f"""
 import gc, sys, types, torch
 from pathlib import Path
-from qmerge.adapter import load_mix
-from qmerge.merge import merge
+from qmerge.merge.adapter import load_mix
+from qmerge.merge.streaming import merge
 from qmerge.settings import NF4Settings
-from qmerge.verify import verify
+from qmerge.eval.verify import verify
 assert "gptqmodel" not in sys.modules
 mix = load_mix(({str(tiny_adapter)!r},))
 merge(Path({str(tiny_base)!r}), mix, Path({str(tmp_path / 'merged')!r}), NF4Settings(), "bfloat16", torch.device("cpu"), show_progress=False)
@@ -324,9 +306,9 @@ assert not alive, alive
 def test_batched_evaluation_matches_one_window_at_a_time(tiny_base, tiny_adapter):
     """--eval-batch: three windows per forward give every number of one at a time (float32 GEMMs of
     another batch shape may round differently: 1e-6 relative), with the same per-window series."""
-    reference = drift.load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu"))
+    reference = load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu"))
     windows = eval_windows(tiny_base)[:5]
-    build = {"merged": lambda: drift.load_candidate(tiny_base, torch.device("cpu"))}
+    build = {"merged": lambda: load_candidate(tiny_base, torch.device("cpu"))}
     one, three = (drift.evaluate(reference, build, [windows], "bfloat16", batch_size=b, show_progress=False)[0] for b in (1, 3))
     for name in ("merged", drift.NOISE_FLOOR):
         a, b = one["metrics"][name], three["metrics"][name]

@@ -10,18 +10,23 @@ import shutil
 import string
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qmerge
-from conftest import FUZZ_CASES
-from qmerge.checkpoint import LazyCheckpoint
+from conftest import FUZZ_CASES, examples
+from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
-from qmerge.nf4 import round_trip
+from qmerge.merge.nf4 import round_trip
 from qmerge.settings import NF4Settings
 
-FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+COUNTS = examples(quick=6, full=30)
+
+
+def fuzz(count: int):
+    return settings(max_examples=count, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 junk = st.one_of(st.none(), st.booleans(), st.integers(-4, 32), st.floats(allow_nan=True, allow_infinity=True), st.text(string.printable, max_size=5), st.lists(st.integers(), max_size=2))
 patterns = st.dictionaries(st.sampled_from(["q_proj", "layers.0.mlp.up_proj", "v_proj", "(", "o_proj$"]), st.one_of(st.integers(-2, 16), st.floats(-1, 64), st.text(max_size=2)), max_size=3)
 fields = st.fixed_dictionaries(
@@ -79,20 +84,27 @@ def check(base: Path, adapter: Path, out: Path, what: str) -> None:
             assert torch.allclose(delta, oracle[key], atol=1e-5, rtol=1e-4), key
 
 
-@given(changes=fields)
-@FUZZ
-def test_fuzz_adapter_config(tiny_base, tiny_adapter, tmp_path_factory, changes):
-    adapter = tmp_path_factory.mktemp("fuzz") / "adapter"
-    shutil.copytree(tiny_adapter, adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config.update({k: v for k, v in changes.items() if not (isinstance(v, float) and math.isnan(v))})
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    check(tiny_base, adapter, adapter.parent / "out", "adapter_config.json")
+@pytest.mark.parametrize("count", COUNTS)
+def test_fuzz_adapter_config(tiny_base, tiny_adapter, tmp_path_factory, count):
+    @fuzz(count)
+    @given(changes=fields)
+    def case(changes):
+        adapter = tmp_path_factory.mktemp("fuzz") / "adapter"
+        shutil.copytree(tiny_adapter, adapter)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config.update({k: v for k, v in changes.items() if not (isinstance(v, float) and math.isnan(v))})
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        check(tiny_base, adapter, adapter.parent / "out", "adapter_config.json")
+
+    case()
 
 
-@given(data=st.data())
-@FUZZ
-def test_fuzz_corrupted_adapter_file(tiny_base, tiny_adapter, tmp_path_factory, data):
+@pytest.mark.parametrize("count", COUNTS)
+def test_fuzz_corrupted_adapter_file(tiny_base, tiny_adapter, tmp_path_factory, count):
+    fuzz(count)(given(data=st.data())(lambda data: corrupt_and_check(tiny_base, tiny_adapter, tmp_path_factory, data)))()
+
+
+def corrupt_and_check(tiny_base: Path, tiny_adapter: Path, tmp_path_factory, data) -> None:
     adapter = tmp_path_factory.mktemp("fuzz") / "adapter"
     shutil.copytree(tiny_adapter, adapter)
     path = adapter / "adapter_model.safetensors"

@@ -8,10 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import mean_kld, reference_model
-from qmerge.adapter import load_adapter
-from qmerge.checkpoint import LazyCheckpoint
-from qmerge.merge import merge
-from qmerge.nf4 import bnb_config, held_weight, quantized_linear_names, round_trip
+from qmerge.merge.adapter import load_adapter
+from qmerge.io.checkpoint import LazyCheckpoint
+from qmerge.merge.streaming import merge
+from qmerge.merge.nf4 import bnb_config, quantized_linear_names, round_trip
+from qmerge.models.base import held_weight
 from qmerge.settings import NF4Settings
 
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from qmerge.metrics import clustered_mean, compare, log_probs, quantile, reference_stats, summarize, token_stats
+from qmerge.eval.metrics import clustered_mean, compare, log_probs, quantile, reference_stats, summarize, token_stats
 
 
 def test_token_stats_hand_computed():

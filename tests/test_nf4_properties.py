@@ -14,14 +14,19 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import FUZZ_CASES
-from qmerge.nf4 import dtype_name, round_trip
+from conftest import FUZZ_CASES, examples
+from qmerge.io.dtypes import dtype_name
+from qmerge.merge.nf4 import round_trip
 from qmerge.settings import NF4Settings
 
 CPU = torch.device("cpu")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 STORAGE = [torch.uint8, torch.bfloat16, torch.float16, torch.float32]
-EXAMPLES = settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+COUNTS = examples(quick=10, full=40)
+
+
+def runs(count: int):
+    return settings(max_examples=count, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 
 
 def loaded_linear(weight: torch.Tensor, nf4: NF4Settings) -> bnb.nn.Linear4bit:
@@ -76,10 +81,13 @@ def cases(draw, repackable: bool = False):
     return weight, nf4
 
 
-@EXAMPLES
-@given(cases())
-def test_round_trip_is_what_linear4bit_holds(case):
+@pytest.mark.parametrize("count", COUNTS)
+def test_round_trip_is_what_linear4bit_holds(count):
     """Bit for bit, before and after a forward with the repack off (as qmerge's reference runs)."""
+    runs(count)(given(cases())(round_trip_is_what_linear4bit_holds))()
+
+
+def round_trip_is_what_linear4bit_holds(case) -> None:
     FUZZ_CASES["nf4 round trip = Linear4bit"] = FUZZ_CASES.get("nf4 round trip = Linear4bit", 0) + 1
     weight, nf4 = case
     module = loaded_linear(weight, nf4)
@@ -95,13 +103,16 @@ def test_round_trip_is_what_linear4bit_holds(case):
 
 
 @pytest.mark.skipif(not F.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
-@EXAMPLES
-@given(cases(repackable=True))
-def test_cpu_repack_keeps_the_codes_and_rounds_the_scales_to_bf16(case):
+@pytest.mark.parametrize("count", COUNTS)
+def test_cpu_repack_keeps_the_codes_and_rounds_the_scales_to_bf16(count):
     """After an inference forward on such a CPU, Linear4bit computes with the same 4-bit codes but
     bf16-rounded block scales (not the weights it trained with): why qmerge's reference turns the
     repack off. Checked on the repacked tensors themselves (bitsandbytes' own inverse transposes
     non-nested scales)."""
+    runs(count)(given(cases(repackable=True))(repack_keeps_codes))()
+
+
+def repack_keeps_codes(case) -> None:
     FUZZ_CASES["nf4 CPU repack"] = FUZZ_CASES.get("nf4 CPU repack", 0) + 1
     weight, nf4 = case
     module = loaded_linear(weight, nf4)

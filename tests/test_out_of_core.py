@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchlib  # noqa: E402
 
-from qmerge.checkpoint import INDEX_NAME, LazyCheckpoint, ShardWriter  # noqa: E402
+from qmerge.io.checkpoint import INDEX_NAME, LazyCheckpoint, ShardWriter  # noqa: E402
 
 # 190 layers of width 512: ~560M parameters, 1.1 GB of bf16 on disk, in tensors of at most 65 MB.
 # A fresh interpreter with torch, transformers, peft and bitsandbytes imported already holds ~470 MB
@@ -66,6 +66,7 @@ def test_header_space_full_starts_a_new_shard(tmp_path):
     assert {k for s in shards for k in load_file(s)} == {f"t{i}" for i in range(20)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(benchlib.memory_cgroup_root() is None, reason="needs a writable cgroup v1 memory controller (/sys/fs/cgroup/memory), i.e. root on a cgroup v1 host")
 def test_model_larger_than_the_memory_limit_merges(tmp_path):
     """The merge runs in a cgroup whose limit (page cache included) is well below the model's size;

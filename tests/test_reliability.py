@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_base, make_qlora_adapter, make_tokenizer
+from conftest import make_base, make_qlora_adapter, make_tokenizer, one_line_error
 
 # a model big enough that each stage takes a moment, so a kill lands inside it
 MID = dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2)
@@ -37,6 +37,7 @@ def mid(tmp_path_factory):
     return base, adapter, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["merged", "gptq", "drift"])
 def test_sigkill_then_resume_is_byte_identical(mid, tmp_path, stage):
     base, adapter, reference_out = mid
@@ -60,24 +61,19 @@ def test_sigkill_then_resume_is_byte_identical(mid, tmp_path, stage):
     assert not list(out.glob(".*"))  # the killed run's partial stage is gone
 
 
-def test_resume_redoes_a_stage_whose_files_changed(mid, tmp_path):
-    base, adapter, reference_out = mid
-    out = tmp_path / "out"
-    args = ["run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *ARGS, "--skip-gptq"]
-    subprocess.run(qmerge_cmd(*args), check=True, capture_output=True, timeout=900)
-    (out / "merged" / "model.safetensors").write_bytes(b"damaged")
-    resumed = subprocess.run(qmerge_cmd(*args, "--resume"), capture_output=True, text=True, timeout=900)
+def test_resume_redoes_a_stage_whose_files_changed(tiny_base, tiny_adapter, tmp_path, cli):
+    args = ["run", "--base", tiny_base, "--adapter", tiny_adapter, "--out", tmp_path / "out", *ARGS, "--skip-gptq"]
+    assert cli(*args).returncode == 0
+    merged = tmp_path / "out" / "merged" / "model.safetensors"
+    intact = merged.read_bytes()
+    merged.write_bytes(b"damaged")
+    resumed = cli(*args, "--resume")
     assert resumed.returncode == 0 and "merged: reused" not in resumed.stdout
-    assert (out / "merged" / "model.safetensors").read_bytes() == (reference_out / "merged" / "model.safetensors").read_bytes()
+    assert merged.read_bytes() == intact
 
 
-def one_line_exit_2(result: subprocess.CompletedProcess, *words: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qmerge: error: "), result.stderr[-2000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
+def one_line_exit_2(result, *words: str) -> str:
+    return one_line_error(result, 2, *words)
 
 
 @pytest.fixture
@@ -91,8 +87,12 @@ def broken(tiny_base, tiny_adapter, tmp_path):
     return base, adapter
 
 
-def run_cli(base: Path, adapter: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(qmerge_cmd("run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--group-size", "32", *extra), capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def run_cli(cli):
+    def run(base: Path, adapter: Path, out: Path, *extra: str):
+        return cli("run", "--base", base, "--adapter", adapter, "--out", out, "--group-size", "32", *extra)
+
+    return run
 
 
 def _set_config(adapter: Path, **changes) -> None:
@@ -132,7 +132,7 @@ def _rename_module(adapter: Path, old: str, new: str) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_one_line_exit_2_nothing_left(broken, tmp_path, case):
+def test_bad_input_one_line_exit_2_nothing_left(broken, tmp_path, case, run_cli):
     base, adapter = broken
     damage, words = BAD_INPUTS[case]
     damage(base, adapter)
@@ -141,7 +141,7 @@ def test_bad_input_one_line_exit_2_nothing_left(broken, tmp_path, case):
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_allow_pickle_reads_a_pickled_base(broken, tmp_path):
+def test_allow_pickle_reads_a_pickled_base(broken, tmp_path, run_cli):
     base, adapter = broken
     BAD_INPUTS["pickle_base"][0](base, adapter)
     result = run_cli(base, adapter, tmp_path / "out", "--allow-pickle", "--skip-gptq", "--seq-len", "64", "--eval-samples", "4", "--json")
@@ -159,7 +159,7 @@ def test_allow_pickle_reads_a_pickled_base(broken, tmp_path):
         (["--calibration", "{same}", "--eval", "{same}"], ["also occur in the calibration set"]),
     ],
 )
-def test_bad_settings_and_data(tiny_base, tiny_adapter, tmp_path, extra, words):
+def test_bad_settings_and_data(tiny_base, tiny_adapter, tmp_path, extra, words, run_cli):
     (tmp_path / "empty.txt").write_text("   \n")
     (tmp_path / "same.txt").write_text(" ".join(f"word{i}" for i in range(4000)))
     extra = [e.format(empty=tmp_path / "empty.txt", same=tmp_path / "same.txt") for e in extra]
@@ -168,7 +168,8 @@ def test_bad_settings_and_data(tiny_base, tiny_adapter, tmp_path, extra, words):
     assert not out.exists()
 
 
-def test_disk_full_keeps_earlier_outputs(tiny_base, tiny_adapter, tmp_path):
+@pytest.mark.slow
+def test_disk_full_keeps_earlier_outputs(tiny_base, tiny_adapter, tmp_path, run_cli):
     """A size-limited tmpfs holds one run's outputs but not a second merged checkpoint beside them."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
@@ -192,7 +193,7 @@ def test_disk_full_keeps_earlier_outputs(tiny_base, tiny_adapter, tmp_path):
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def test_adapter_naming_another_base_warns_and_continues(broken, tmp_path):
+def test_adapter_naming_another_base_warns_and_continues(broken, tmp_path, run_cli):
     base, adapter = broken
     _set_config(adapter, base_model_name_or_path="someone/other-model")
     result = run_cli(base, adapter, tmp_path / "out", "--skip-gptq", "--seq-len", "64", "--eval-samples", "4")

@@ -2,7 +2,7 @@
 `qmerge compare` (paired vs unpaired tests against an independent recomputation, bad input).
 
 The schema-2 reports here are built from real metric computations: seeded random logits of a
-reference and of candidates around it go through qmerge.metrics.token_stats/summarize, and the
+reference and of candidates around it go through qmerge.eval.metrics.token_stats/summarize, and the
 histograms and per-window sums come from the same per-token tensors."""
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import torch
 from PIL import Image
 
 from browser import SVG, assert_charts_draw, needs_chromium, screenshot, svgs
-from qmerge import html, report
-from qmerge.compare import Z_CRITICAL
-from qmerge.metrics import clustered_mean, log_probs, reference_stats, summarize, token_stats
+from qmerge.models.device import device_info
+from qmerge.report import charts, files, html, markdown
+from qmerge.report.schema import library_versions
+from qmerge.report.compare import Z_CRITICAL
+from qmerge.eval.metrics import clustered_mean, log_probs, reference_stats, summarize, token_stats
 from qmerge.settings import RunSettings
 
 VOCAB, SEQ, WINDOWS, HIDDEN = 64, 33, 12, 16
@@ -105,8 +107,8 @@ def make_report(evaluations: list[dict], base_path: str = "/models/base", with_g
         "schema_version": 2,
         "inputs": {"base": {"spec": base_path, "path": base_path, "from_hub": False, "sha256": "0" * 64}, "adapter": {"spec": "/models/adapter", "path": "/models/adapter", "sha256": "1" * 64}, "calibration_windows": 16, "eval_windows": WINDOWS},
         "settings": RunSettings(base=base_path, adapter="/models/adapter", out="/out").to_dict(),
-        "versions": report.library_versions(),
-        "device": report.device_info(torch.device("cpu")),
+        "versions": library_versions(),
+        "device": device_info(torch.device("cpu")),
         "merge": {},
         "stages": {"merged": stage, "gptq": stage, "drift": {"reused": True}},
         "budgets": {},
@@ -132,7 +134,7 @@ def full_report() -> dict:
 
 
 def test_html_self_contained_well_formed_and_escaped(full_report, tmp_path):
-    report.write(full_report, tmp_path)
+    files.write(full_report, tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert page == html.render(full_report)
     # no reference to anything outside the file, and no code
@@ -146,7 +148,7 @@ def test_html_self_contained_well_formed_and_escaped(full_report, tmp_path):
     kinds = [s.get("class") for s in svgs(page)]
     assert kinds == ["chart kld-hist", "chart pareto", "chart dots", "chart layers"] * 2 + ["chart gptq-loss"]
     # the tables are report.md's: every table row of the markdown is a row of the page
-    md_rows = [line for line in report.markdown(full_report).splitlines() if line.startswith("|") and not re.fullmatch(r"[|:\- ]+", line)]
+    md_rows = [line for line in markdown.markdown(full_report).splitlines() if line.startswith("|") and not re.fullmatch(r"[|:\- ]+", line)]
     assert len(list(root.iter("tr"))) == len(md_rows)
     first = md_rows[1].split("|")[2].strip()  # a formatted number of the first table, verbatim
     assert first in text
@@ -162,8 +164,8 @@ def test_chart_geometry_follows_the_numbers(full_report):
     assert len(names) == len(m) - 1  # the hostile name's tooltip splits differently; five remain
     by_kld = sorted(names, key=lambda n: m[n]["kld_mean"])
     assert [float(circles[n].get("cy")) for n in by_kld] == sorted((float(circles[n].get("cy")) for n in names), reverse=True)
-    assert html.pareto_frontier([(1, 5), (2, 3), (3, 4), (4, 1), (4, 2)]) == [(1, 5), (2, 3), (4, 1)]
-    axis = html.Axis(1e-8, 1e2, log=True)
+    assert charts.pareto_frontier([(1, 5), (2, 3), (3, 4), (4, 1), (4, 2)]) == [(1, 5), (2, 3), (4, 1)]
+    axis = charts.Axis(1e-8, 1e2, log=True)
     assert math.isclose(axis.frac(1e-3), 0.5) and axis.frac(0) == 0.0 and axis.frac(1e5) == 1.0
     assert [t for _, t in axis.ticks()] == ["1e-8", "1e-7", "1e-6", "1e-5", "1e-4", "0.001", "0.01", "0.1", "1", "10", "100"]
 
@@ -189,7 +191,7 @@ def test_console_errors_are_caught(tmp_path):
 
 @needs_chromium
 def test_report_html_renders_without_console_errors(full_report, tmp_path):
-    report.write(full_report, tmp_path)
+    files.write(full_report, tmp_path)
     png = tmp_path / "page.png"
     assert screenshot(tmp_path / "report.html", png, 1200, 4000) == []
     pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)

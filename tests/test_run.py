@@ -1,35 +1,31 @@
-"""`qmerge run` end to end on the tiny model, and its bad-input behaviour."""
+"""`qmerge run` end to end on the tiny model (the shared run), and its bad-input behaviour."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_base, make_qlora_adapter, reference_model
-from qmerge import data, pipeline
-from qmerge.candidates import display_name
-from qmerge.settings import DataSettings, GPTQSettings, RunSettings
-
-SETTINGS = dict(gptq=GPTQSettings(group_size=32), data=DataSettings(calibration_samples=16, eval_samples=6, seq_len=64))
+from conftest import make_base, make_qlora_adapter, one_line_error, reference_model
+from qmerge.eval.candidates import display_name
+from qmerge.io import text
+from qmerge.io.corpus import stdlib_part
+from qmerge.settings import GPTQSettings
 
 
 @pytest.fixture(scope="module")
-def run_out(tiny_base, tiny_adapter, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("run") / "out"
-    rep = pipeline.run(RunSettings(base=str(tiny_base), adapter=str(tiny_adapter), out=out, **SETTINGS), echo=False)
-    return out, rep
+def run_out(tiny_run) -> tuple[Path, dict]:
+    return tiny_run.out, tiny_run.report
 
 
 def test_layout_and_gptq_checkpoint(run_out):
     out, rep = run_out
-    assert sorted(p.name for p in out.iterdir()) == ["drift", "gptq", "manifests", "merged", "recipe.resolved.yaml", "report.html", "report.json", "report.md"]
+    stages = ["drift", "gptq", "gptq-original", "manifests", "merged", "merged-original"]
+    assert sorted(p.name for p in out.iterdir()) == [*stages, "recipe.resolved.yaml", "report.html", "report.json", "report.md"]
     assert not list(out.glob(".*"))  # no partial stage left
     qc = json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["format"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["pack_dtype"]) == (
@@ -41,7 +37,7 @@ def test_layout_and_gptq_checkpoint(run_out):
         assert torch.isfinite(model(torch.randint(3, 512, (2, 16))).logits).all()
     assert len(rep["gptq_log"]) == 14 and all(r["loss"] >= 0 for r in rep["gptq_log"])
     saved = json.loads((out / "report.json").read_text())
-    assert saved["schema_version"] == 2 and set(saved["stages"]) == {"merged", "gptq", "drift"}
+    assert saved["schema_version"] == 2 and set(saved["stages"]) == {"merged", "gptq", "merged-original", "gptq-original", "drift"}
     assert len(saved["inputs"]["base"]["sha256"]) == 64 and saved["versions"]["gptqmodel"].startswith("7.7")
 
 
@@ -49,7 +45,7 @@ def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny
     """Recompute the metrics here from the three models, with plain formulas (1e-4 rel)."""
     out, rep = run_out
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    windows = data.token_windows(data.stdlib_part("eval"), tok, 64, 6, "eval")
+    windows = text.token_windows(stdlib_part("eval"), tok, 64, 6, "eval")
     inputs, targets = windows[:, :-1], windows[:, 1:]
     n_bytes = sum(len(tok.decode(w[1:].tolist()).encode()) for w in windows)
 
@@ -84,47 +80,35 @@ def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny
     metrics = rep["evaluations"][0]["metrics"]
     merged = metrics["merged (NF4 base + adapter)"]
     assert merged["kld_mean"] <= 1e-3 and metrics["gptq 4-bit g32"]["kld_mean"] > merged["kld_mean"]
-    original, base = (metrics[display_name(k, SETTINGS["gptq"])] for k in ("original", "base"))
+    original, base = (metrics[display_name(k, GPTQSettings(group_size=32))] for k in ("original", "base"))
     assert original["kld_mean"] > 100 * merged["kld_mean"] and base["kld_mean"] > original["kld_mean"]
 
 
-def qmerge_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qmerge.cli", *args], capture_output=True, text=True, timeout=600)
-
-
-def assert_bad_input(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qmerge: error: "), result.stderr[-2000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
-def test_missing_adapter(tiny_base, tmp_path):
+def test_missing_adapter(tiny_base, tmp_path, cli):
     out = tmp_path / "out"
-    assert_bad_input(qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(tmp_path / "nope"), "--out", str(out)), "adapter", "does not exist")
+    one_line_error(cli("run", "--base", tiny_base, "--adapter", tmp_path / "nope", "--out", out), 2, "adapter", "does not exist")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_adapter_for_another_model(tiny_base, tmp_path):
+def test_adapter_for_another_model(tiny_base, tmp_path, cli):
     other = make_base(tmp_path / "other", hidden_size=32, intermediate_size=64)
     adapter = make_qlora_adapter(other, tmp_path / "other-adapter")
     out = tmp_path / "out"
-    assert_bad_input(qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(adapter), "--out", str(out)), "trained on another model")
+    one_line_error(cli("run", "--base", tiny_base, "--adapter", adapter, "--out", out), 2, "trained on another model")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_non_empty_out_needs_overwrite(tiny_base, tiny_adapter, tmp_path):
+def test_non_empty_out_needs_overwrite(tiny_base, tiny_adapter, tmp_path, cli):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("mine")
-    assert_bad_input(qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--out", str(out)), "--overwrite")
+    one_line_error(cli("run", "--base", tiny_base, "--adapter", tiny_adapter, "--out", out), 2, "--overwrite")
     assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "mine"
 
 
-def test_group_size_that_does_not_divide_is_refused_up_front(tiny_base, tiny_adapter, tmp_path):
-    result = qmerge_cli("run", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--out", str(tmp_path / "o"), "--group-size", "128")
-    assert_bad_input(result, "in_features 64", "--group-size 64")
+def test_group_size_that_does_not_divide_is_refused_up_front(tiny_base, tiny_adapter, tmp_path, cli):
+    result = cli("run", "--base", tiny_base, "--adapter", tiny_adapter, "--out", tmp_path / "o", "--group-size", "128")
+    one_line_error(result, 2, "in_features 64", "--group-size 64")
 
 
 SHARED_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
@@ -133,15 +117,15 @@ SHARED_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wik
 @pytest.mark.skipif(not SHARED_WIKITEXT.exists(), reason="../shared/data/wikitext-2 is not beside this checkout")
 def test_local_wikitext_preset_gives_disjoint_windows(tiny_base):
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    calibration = data.windows("wikitext2-local", "calibration", tok, 128, 64)
-    evaluation = data.windows("wikitext2-local", "eval", tok, 128, 64)
+    calibration = text.windows("wikitext2-local", "calibration", tok, 128, 64)
+    evaluation = text.windows("wikitext2-local", "eval", tok, 128, 64)
     assert calibration.shape == evaluation.shape == (64, 128)
-    data.check_disjoint(calibration, evaluation)
+    text.check_disjoint(calibration, evaluation)
     assert tok.decode(evaluation[0][:40]).strip().startswith("= Robert")  # the test split's first article
 
 
 def test_every_preset_declares_its_kind():
     import tomllib
 
-    for path in data.PRESETS.glob("*.toml"):
+    for path in text.PRESETS.glob("*.toml"):
         assert tomllib.loads(path.read_text())["kind"] in ("stdlib", "hub", "file"), path

@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM
 
 import qmerge
 from conftest import make_base, make_qlora_adapter, mean_kld, reference_model
-from qmerge.adapter import load_adapter, load_mix, parse_spec
-from qmerge.checkpoint import LazyCheckpoint
+from qmerge.merge.adapter import load_adapter, load_mix, parse_spec
+from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.errors import QmergeError
-from qmerge.lora import LoraDelta
-from qmerge.merge import merge
-from qmerge.nf4 import round_trip
+from qmerge.merge.lora import LoraDelta
+from qmerge.merge.streaming import merge
+from qmerge.merge.nf4 import round_trip
 from qmerge.settings import NF4Settings
 
 CPU = torch.device("cpu")
@@ -165,7 +165,7 @@ def test_tied_embeddings(variant, tied_base, tmp_path, tokens):
     assert config["tie_word_embeddings"] is TIED[variant]
     assert ("lm_head.weight" in keys) is (not TIED[variant])
     original = AutoModelForCausalLM.from_pretrained(tied_base, dtype=torch.float32)
-    from qmerge.drift import load_baseline  # "merged into original" runs the same edits and tie rule in memory
+    from qmerge.models.checkpoints import load_baseline  # "merged into original" runs the same edits and tie rule in memory
     baseline = load_baseline("original", tied_base, load_mix((str(adapter),)), CPU)
     merge(tied_base, load_adapter(adapter), tmp_path / "into-original", NF4Settings(), "float32", CPU, into="original", show_progress=False)
     on_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "into-original", dtype=torch.float32).eval()
@@ -178,7 +178,7 @@ def test_weighted_mix_matches_peft_weighted_adapter(tiny_base, tmp_path, tokens)
     (combination_type="cat", exact for a linear combination), and qmerge's drift reference (both
     adapters active, scalings weighted) against the same oracle. B has LoRA on the embeddings and
     lm_head, whose unchanged copies PEFT saves with it."""
-    from qmerge.drift import load_reference
+    from qmerge.models.reference import load_reference
 
     a = make_qlora_adapter(tiny_base, tmp_path / "a", target_modules=["q_proj", "v_proj"], seed=1)
     b = make_qlora_adapter(tiny_base, tmp_path / "b", target_modules=["q_proj", "k_proj", "embed_tokens", "lm_head"], use_rslora=True, r=4, seed=2)
@@ -234,17 +234,14 @@ def test_refused_combinations(tiny_base, biased_base, tiny_adapter, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_weighted_adapters_end_to_end(tiny_base, tmp_path):
+def test_cli_weighted_adapters_end_to_end(tiny_base, tmp_path, cli):
     """`qmerge run --adapter A:0.7 --adapter B:0.3`: merged, measured against the same mix run by PEFT
     (the drift reference), recorded in the report and in a resolved recipe that repeats the run."""
-    import subprocess
-    import sys
-
     a = make_qlora_adapter(tiny_base, tmp_path / "a", target_modules=["q_proj", "v_proj"], seed=1)
     b = make_qlora_adapter(tiny_base, tmp_path / "b", seed=2)
     out = tmp_path / "out"
     args = ["--base", str(tiny_base), "--skip-gptq", "--seq-len", "64", "--eval-samples", "4", "--candidates", "merged,original"]
-    result = subprocess.run([sys.executable, "-m", "qmerge.cli", "run", *args, "--adapter", f"{a}:0.7", "--adapter", f"{b}:0.3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    result = cli("run", *args, "--adapter", f"{a}:0.7", "--adapter", f"{b}:0.3", "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
     metrics = rep["evaluations"][0]["metrics"]
@@ -253,6 +250,6 @@ def test_cli_weighted_adapters_end_to_end(tiny_base, tmp_path):
     assert merged <= KLD_TOL and original > 100 * merged, (merged, original)
     parts = rep["inputs"]["adapter"]["parts"]
     assert [p["weight"] for p in parts] == [0.7, 0.3] and rep["settings"]["adapter"] == [f"{a}:0.7", f"{b}:0.3"]
-    again = subprocess.run([sys.executable, "-m", "qmerge.cli", "run", "--recipe", str(out / "recipe.resolved.yaml"), "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=600)
+    again = cli("run", "--recipe", out / "recipe.resolved.yaml", "--out", tmp_path / "again")
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "again" / "merged" / "model.safetensors").read_bytes() == (out / "merged" / "model.safetensors").read_bytes()

@@ -78,11 +78,14 @@ def _without(value, key: str):
 
 
 def read_quant_log(gptq_dir: Path) -> list[dict]:
+    """GPTQModel's per-module losses, ordered by layer and module: its worker threads log the modules
+    of one layer in whatever order they finish, which would make two identical runs' reports differ."""
     path = gptq_dir / "quant_log.csv"
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{"layer": int(r["layer"]), "module": r["module"], "loss": float(r["loss"]), "samples": int(r["samples"])} for r in csv.DictReader(f)]
+        rows = [{"layer": int(r["layer"]), "module": r["module"], "loss": float(r["loss"]), "samples": int(r["samples"])} for r in csv.DictReader(f)]
+    return sorted(rows, key=lambda r: (r["layer"], r["module"]))
 
 
 @contextlib.contextmanager

@@ -83,13 +83,16 @@ def run(base: str | None = None, adapter: str | list[str] | None = None, out: st
     with showing(progress):
         report = pipeline.run(resolved, verbose=verbose, echo=progress)
     result = RunResult(Path(resolved.out).resolve(), report)
-    if push_to is None:
-        return result
+    return result if push_to is None else push_final(result, push_to, private)
+
+
+def push_final(result: RunResult, repo_id: str, private: bool = False) -> RunResult:
+    """`run --push-to`: the final checkpoint (DIR/gptq, or DIR/merged with --skip-gptq) uploaded by
+    `push`, unless a quality budget failed (then a warning, and nothing is uploaded)."""
     if not result.budgets_ok:
-        print(f"qmerge: not pushed to {push_to}: a quality budget failed", file=sys.stderr, flush=True)
+        print(f"qmerge: warning: not pushed to {repo_id}: a quality budget failed", file=sys.stderr, flush=True)
         return result
-    final = result.gptq or result.merged
-    return RunResult(result.out, report, push(final, push_to, private=private))
+    return RunResult(result.out, result.report, push(result.gptq or result.merged, repo_id, private=private))
 
 
 def merge_adapter(base: str, adapter: str | list[str], out: str | Path, *, overwrite: bool = False, resume: bool = False, verify: bool = True,

@@ -118,31 +118,50 @@ def test_model_card_metadata_for_a_quantized_fine_tune(tiny_run):
     assert f"Base `org/base` at revision `v2` (commit `{V2}`)" in text
 
 
+class FakeApi:
+    """huggingface_hub's HfApi as far as push uses it, recording the calls."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, private, exist_ok):
+        self.calls.append(("create", repo_id, private))
+        return f"https://hub.example/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
+        self.calls.append(("upload", folder_path, repo_id))
+
+
+def test_push_to_uploads_the_final_checkpoint_unless_a_budget_failed(tiny_run, monkeypatch, capsys):
+    import huggingface_hub
+
+    from qmerge.api import RunResult, push_final
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(FakeApi, "calls", [])
+    assert push_final(tiny_run, "me/x", private=True).summary()["pushed"] == "https://hub.example/me/x"
+    assert FakeApi.calls == [("create", "me/x", True), ("upload", str(tiny_run.gptq), "me/x")]
+    failed = copy.deepcopy(tiny_run.report)
+    failed["budgets"]["max_kld"]["ok"] = False
+    assert push_final(RunResult(tiny_run.out, failed), "me/y").pushed is None and len(FakeApi.calls) == 2
+    assert "not pushed to me/y: a quality budget failed" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_run_from_the_hub_cache_with_push_to(hub, tmp_path, cli, monkeypatch):
     """`qmerge run --revision v2 --push-to me/x --quiet --json` on the offline cache: report.json holds
     the revisions and commits, the final checkpoint goes up through `push`'s code (a local fake of
-    huggingface_hub's HfApi), and --quiet leaves stdout to the JSON line and stderr empty."""
+    huggingface_hub's HfApi), and --quiet leaves stdout to the JSON line and stderr to warnings."""
     import huggingface_hub
 
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, private, exist_ok):
-            calls.append(("create", repo_id, private))
-            return f"https://hub.example/{repo_id}"
-
-        def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
-            calls.append(("upload", folder_path, repo_id))
-
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(FakeApi, "calls", [])
     out = tmp_path / "out"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_RUN.items()]
     result = cli("run", "--base", "qm/tiny", "--revision", "v2", "--adapter", "qm/adapter@v1", "--out", out, "--candidates", "merged,gptq", "--samples", "1",
                  "--push-to", "me/x", "--private", "--quiet", "--json", *flags)
-    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert result.returncode == 0 and "[qmerge]" not in result.stderr, result.stderr[-3000:]  # warnings only (the adapter names a local base)
     summary = json.loads(result.stdout)
-    assert summary["pushed"] == "https://hub.example/me/x" and calls == [("create", "me/x", True), ("upload", str(out / "gptq"), "me/x")]
+    assert summary["pushed"] == "https://hub.example/me/x" and FakeApi.calls == [("create", "me/x", True), ("upload", str(out / "gptq"), "me/x")]
     rep = json.loads((out / "report.json").read_text())
     assert rep["settings"]["revision"] == "v2" and rep["inputs"]["base"]["commit"] == V2 and rep["inputs"]["adapter"]["commit"] == ADAPTER
     assert yaml.safe_load((out / "gptq" / "README.md").read_text().split("---")[1])["base_model"] == "qm/tiny"

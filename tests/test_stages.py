@@ -32,8 +32,8 @@ def same_stage(a: Path, b: Path, stage: str) -> None:
     assert ma["key"] == mb["key"], (ma["produced_by"], mb["produced_by"])
     logs = {"quant_log.csv"}
     assert {k: v for k, v in ma["files"].items() if k not in logs} == {k: v for k, v in mb["files"].items() if k not in logs} and set(ma["files"]) == set(mb["files"])
-    if "quant_log.csv" in ma["files"]:
-        assert read_quant_log(a / stage) == read_quant_log(b / stage)
+    if "quant_log.csv" in ma["files"]:  # rows in the order GPTQModel's workers finished them
+        assert sorted(read_quant_log(a / stage), key=str) == sorted(read_quant_log(b / stage), key=str)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,7 @@ def test_eval_equals_the_runs_drift_and_scores_a_checkpoint_made_elsewhere(stage
     assert (out / "report.html").exists() and (out / "report.md").read_text().count("| theirs |") == 3  # drift, detail and layer tables
 
 
+@pytest.mark.slow
 def test_eval_of_checkpoints_made_elsewhere_only(tiny_run, tiny_base, tiny_adapter, tmp_path, cli):
     """No merge or GPTQ of ours: the checkpoint given is the final one, budgets apply to it."""
     result = cli("eval", "--base", tiny_base, "--adapter", tiny_adapter, "--out", tmp_path / "out", "--checkpoint", f"their-gptq={tiny_run.gptq}",

@@ -5,7 +5,7 @@ reference's. Numbers say how much a model drifted; the text shows what that does
 
 Completions are made while the drift stage has each model loaded (no extra load), by transformers'
 generate() with argmax at every step (ties go to the lowest token id) and nothing else, stopping at
-the end-of-sequence token. Everything after the first differing token is conditioned on a
+the end-of-sequence token; prompts of one length (the default's, cut from eval windows) in one batch. Everything after the first differing token is conditioned on a
 different prefix, so only the first divergence is marked.
 """
 
@@ -46,7 +46,7 @@ class Samples:
 
     def add(self, name: str, model: torch.nn.Module) -> None:
         if self.prompts:
-            self.completions[name] = [complete(model, p, self.tokens, self.eos) for p in self.prompts]
+            self.completions[name] = complete(model, self.prompts, self.tokens, self.eos)
 
     def section(self, reference: str) -> dict | None:
         """report.json's `samples`: per prompt its text and token ids, and each model's completion: text, token
@@ -63,17 +63,26 @@ class Samples:
 
 
 @torch.inference_mode()
-def complete(model: torch.nn.Module, prompt: list[int], tokens: int, eos: int | None = None) -> list[int]:
-    """Greedy continuation of `prompt` by `model`: up to `tokens` new token ids, through
+def complete(model: torch.nn.Module, prompts: list[list[int]], tokens: int, eos: int | None = None) -> list[list[int]]:
+    """Greedy continuations of `prompts` by `model`: up to `tokens` new token ids each, through
     transformers' generate() with a configuration of its own (the checkpoint's sampling settings,
-    repetition penalty and the like are not applied: argmax only)."""
+    repetition penalty and the like are not applied: argmax only). Prompts of one length go through
+    together, unpadded: one decoding step costs about what a single prompt's does (on a CPU it is
+    bound by reading the weights), and no padding can change a completion."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=eos, pad_token_id=eos)
-    ids = torch.tensor([prompt], device=device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, len(prompt):].tolist()
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    for length, rows in by_length.items():
+        ids = torch.tensor([prompts[i] for i in rows], device=device)
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)[:, length:].tolist()
+        for i, row in zip(rows, new):
+            out[i] = row[: row.index(eos) + 1] if eos in row else row  # what follows the end of a finished row is padding
+    return out
 
 
 def completion(tokenizer, ids: list[int], reference: list[int] | None) -> dict:

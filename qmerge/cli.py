@@ -19,89 +19,9 @@ import warnings
 from pathlib import Path
 
 from qmerge.errors import QmergeError, VerifyError
+from qmerge.options import build_parser
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_VERIFY_FAILED = 0, 1, 2, 3, 4
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """Every option is also a recipe key (dashes or underscores); None means 'not given here'."""
-    B = argparse.BooleanOptionalAction
-    p.add_argument("--recipe", type=Path, help="YAML or TOML file of settings; flags given here override it")
-    p.add_argument("--out", help="output directory (must not exist or be empty unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out, replacing each stage's output as the stage finishes")
-    p.add_argument("--resume", action="store_true", help="continue a run in --out: reuse every finished stage whose manifest verifies")
-    p.add_argument("--bits", type=int, help="GPTQ bits: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, help="GPTQ group size, -1 for per channel (default 128)")
-    p.add_argument("--act-order", action=B, help="GPTQ desc_act; off in the portable profile")
-    p.add_argument("--sym", action=B, help="symmetric GPTQ (default; vLLM's Marlin path needs it)")
-    p.add_argument("--damp", type=float, help="GPTQ dampening fraction (default 0.01)")
-    p.add_argument("--target", help="server the checkpoint must load in: any (default), transformers, vllm, sglang; refused up front if it cannot")
-    p.add_argument("--calibration", help="calibration source: stdlib, wikitext2, hf:NAME[:CONFIG]:SPLIT[:FIELD], or a .txt/.jsonl file or folder")
-    p.add_argument("--calibration-samples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--eval", help="eval sources, comma-separated, same forms as --calibration (default: stdlib eval part); metrics per set")
-    p.add_argument("--eval-samples", type=int, help="eval windows (default 32)")
-    p.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
-    p.add_argument("--eval-batch", type=int, help="eval windows per forward in the drift stage (default 0: 1 on CPU, 8 on a GPU)")
-    p.add_argument("--allow-overlap", action=B, help="evaluate even on windows that are also in the calibration set (the overlapping fraction is reported)")
-    _add_base_options(p)
-    p.add_argument("--merged-dtype", help="dtype of DIR/merged (default bfloat16)")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
-    p.add_argument("--skip-gptq", action=B, help="stop after the merge (drift of the merged model only)")
-    p.add_argument("--allow-pickle", action=B, help="read pickled .bin weights (they run code when loaded: trusted files only)")
-    p.add_argument(
-        "--candidates",
-        help="report rows, comma-separated: merged, original, peft-nf4, rtn, gptq, gptq-original, base (default: all but gptq-original)",
-    )
-    p.add_argument("--max-kld", type=float, help="budget: fail with exit 3 if the final checkpoint's mean KLD exceeds this")
-    p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
-    p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout, everything else on stderr")
-    p.add_argument("--verbose", action="store_true", help="show library logs (transformers, GPTQModel) and tracebacks")
-
-
-def _add_base_options(p: argparse.ArgumentParser) -> None:
-    """How the adapter saw the base: shared by run/demo and verify (a pre-quantized base sets the 4-bit ones itself)."""
-    B = argparse.BooleanOptionalAction
-    p.add_argument("--merge-into", help="nf4 (default): the 4-bit weights a QLoRA adapter was trained on; original: the 16-bit weights (a plain LoRA)")
-    p.add_argument("--quant-type", help="training-time bnb_4bit_quant_type (default nf4)")
-    p.add_argument("--double-quant", action=B, help="training-time bnb_4bit_use_double_quant (default on)")
-    p.add_argument("--nf4-blocksize", type=int, help="training-time bitsandbytes blocksize (default 64)")
-    p.add_argument("--compute-dtype", help="training-time bnb_4bit_compute_dtype (default bfloat16)")
-    p.add_argument("--quant-storage", help="training-time bnb_4bit_quant_storage (default uint8)")
-    p.add_argument("--skip-modules", help="comma-separated llm_int8_skip_modules of the training load")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--trust-remote-code", action=B, help="run a model's own code from its repository (off by default)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qmerge", description="QLoRA adapter → NF4-faithful merge → GPTQ checkpoint → drift report")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="merge, quantize and measure a base + QLoRA adapter")
-    run.add_argument("--base", help="base model: local HF directory or hub id (bf16/fp16 safetensors)")
-    run.add_argument("--adapter", action="append", help="QLoRA adapter: local PEFT directory or hub id, optionally DIR:WEIGHT; repeat it to merge a weighted sum of adapters")
-    _add_run_options(run)
-    demo = sub.add_parser("demo", help="the whole pipeline offline on the embedded SmolLM2-135M-Instruct")
-    _add_run_options(demo)
-    verify = sub.add_parser("verify", help="check DIR/merged against PEFT's own merge and the unmerged model's logits (exit 4 if it differs)")
-    verify.add_argument("merged", type=Path, help="the merged checkpoint, e.g. DIR/merged")
-    verify.add_argument("--base", required=True, help="the base it was merged from: local HF directory or hub id")
-    verify.add_argument("--adapter", required=True, action="append", help="the adapter it was merged with: local PEFT directory or hub id, DIR:WEIGHT; repeated for a mix")
-    _add_base_options(verify)
-    verify.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
-    verify.add_argument("--verbose", action="store_true")
-    push = sub.add_parser("push", help="upload a GPTQ (or merged) checkpoint to the Hugging Face hub")
-    push.add_argument("directory", type=Path, help="DIR/gptq or DIR/merged")
-    push.add_argument("repo_id", help="hub repository, e.g. my-org/model-GPTQ")
-    push.add_argument("--private", action="store_true", help="create the repository private")
-    push.add_argument("--verbose", action="store_true")
-    push.add_argument("--json", action="store_true")
-    comp = sub.add_parser("compare", help="candidates of several reports side by side, differences against the first tested for significance")
-    comp.add_argument("reports", nargs="+", type=Path, help="report.json files (schema 2); the first is the baseline")
-    comp.add_argument("--html", type=Path, help="also write the comparison as a self-contained HTML page here")
-    comp.add_argument("--json", action="store_true", help="print the comparison as one JSON line instead of the markdown table")
-    comp.add_argument("--verbose", action="store_true")
-    return parser
-
-
 DEMO_DEFAULTS = {"group_size": 64, "calibration_samples": 64, "eval_samples": 24}
 
 
@@ -142,14 +62,45 @@ def _dispatch(args: argparse.Namespace) -> dict:
         url = api.push(args.directory, args.repo_id, private=args.private)
         print(f"[qmerge] pushed {args.directory} to {url}", file=sys.stderr)
         return {"pushed": str(args.directory), "url": url}
+    if args.command in ("merge", "quantize", "eval"):
+        return _stage(args)
     values = run_values(args)
     if args.command == "demo":
         from qmerge import demo
 
-        base, adapter = demo.prepare_inputs(echo=True)
+        base, adapter = demo.prepare_inputs(echo=not args.quiet)
         values.update(base=str(base), adapter=str(adapter))
-    result = api.run(overwrite=args.overwrite, resume=args.resume, verbose=args.verbose, progress=True, **values)
+    result = api.run(overwrite=args.overwrite, resume=args.resume, verbose=args.verbose, progress=not args.quiet, push_to=args.push_to, private=args.private, **values)
     return result.summary()
+
+
+def _stage(args: argparse.Namespace) -> dict:
+    """`qmerge merge|quantize|eval --out DIR`: the API's stage function on DIR/merged, DIR/gptq or DIR."""
+    from qmerge import api, stages
+
+    keys = {"merge": stages.MERGE_KEYS, "quantize": stages.QUANTIZE_KEYS, "eval": stages.EVAL_KEYS}[args.command]
+    values = stages.only(run_values(args), keys)
+    base, adapter, out = (values.pop(key, None) for key in ("base", "adapter", "out"))
+    if not out:
+        raise QmergeError(f"--out is required (or set 'out:' in the recipe): the run directory qmerge {args.command} reads and writes")
+    out, flags = Path(out), dict(overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    if args.command == "quantize":
+        result = api.gptq_quantize(args.merged or out / "merged", out / "gptq", verbose=args.verbose, **flags, **values)
+        _say(args, f"GPTQ checkpoint: {result.path}")
+        return {"out": str(out), "gptq": str(result.path), "modules": len(result.log)}
+    for key, value in (("base", base), ("adapter", adapter)):
+        if not value:
+            raise QmergeError(f"--{key} is required (or set '{key}:' in the recipe)")
+    if args.command == "merge":
+        merged = api.merge_adapter(base, adapter, out / "merged", verify=args.verify is not False, **flags, **values)
+        _say(args, f"merged checkpoint: {merged}")
+        return {"out": str(out), "merged": str(merged)}
+    return api.evaluate(base, adapter, out, verbose=args.verbose, **flags, **values).summary()
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    if not args.quiet:
+        print(f"[qmerge] {line}", flush=True)
 
 
 def _verify(args: argparse.Namespace) -> dict:
@@ -158,7 +109,7 @@ def _verify(args: argparse.Namespace) -> dict:
     from qmerge.eval.verify import raise_if_failed
 
     values = recipe.split_lists({k: v for k, v in vars(args).items() if k in recipe.KEYS and v is not None})
-    result = api.verify(args.merged, **values)
+    result = api.verify(args.merged, progress=not args.quiet, **values)
     print("worst modules (error / rounding tolerance of the stored dtype):")
     for m in result.modules[:5]:
         print(f"  {m.key}: max abs err {m.max_abs_err:.3g}, max rel err {m.max_rel_err:.3g}, {m.of_tolerance:.3g} of tolerance")

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from qmerge import recipe
-from qmerge.eval import candidates
+from qmerge.eval import candidates, samples
 from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
 from qmerge.io import text
@@ -122,13 +123,13 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     return rep
 
 
-def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool) -> list[Stage]:
+def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool, check_merge: bool = True) -> list[Stage]:
     """The stages this run needs, in order: each one's key includes the keys of those it reads."""
-    common = {"qmerge": VERSION, "device": p.device.type, "nf4": asdict(settings.nf4)}
+    common = common_parts(settings, p.device)
     hashes = {"base": inputs["base"]["sha256"], "adapter": inputs["adapter"]["sha256"], **common}
-    calibration = key_of(windows=sorted(text.window_hashes(p.calibration)))
+    calibration = calibration_key(p.calibration)
     kinds = settings.evaluated
-    stages = [merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo)]
+    stages = [merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, check_merge)]
     if "gptq" in kinds:
         stages.append(gptq_stage("gptq", "merged", p, out, settings, calibration, common, verbose))
     if "gptq-original" in kinds:  # the GPTQ most tools' users would ship: of the original-base merge
@@ -138,12 +139,24 @@ def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose
     return stages
 
 
-def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool) -> Stage:
+def common_parts(settings: RunSettings, device: torch.device) -> dict:
+    """What every stage's key holds: qmerge's version, the device type and the 4-bit settings."""
+    return {"qmerge": VERSION, "device": device.type, "nf4": asdict(settings.nf4)}
+
+
+def calibration_key(windows: torch.Tensor) -> str:
+    return key_of(windows=sorted(text.window_hashes(windows)))
+
+
+def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool, check_merge: bool = True) -> Stage:
     """DIR/merged: the adapters merged into the weights as trained (into="nf4") or the 16-bit ones,
-    checked against PEFT's own merge and logits before it is committed."""
+    checked against PEFT's own merge and logits before it is committed (unless `check_merge` is off:
+    `merge_adapter(verify=False)`)."""
 
     def build(tmp: Path) -> dict:
         result = merge(p.base_dir, p.mix, tmp, nf4, dtype, p.device, into=into, show_progress=echo, allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code)
+        if not check_merge:
+            return asdict(result)
         windows = p.evaluations[0].windows[:SEQUENCES, :SEQ_LEN]
         check = verify(tmp, p.base_dir, p.mix, nf4, p.device, reference_kind(into), windows, p.trust_remote_code)
         if echo:
@@ -167,18 +180,22 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
 
 def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool) -> Stage:
     """DIR/drift: every candidate scored against the reference on every eval set."""
-    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code)
+    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code, settings.checkpoints)
     names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
     batch = settings.data.batch_on(p.device.type)  # float32 GEMMs of another batch shape may round differently: part of the key
 
     def build(tmp: Path) -> dict:
         reference = load_reference(p.base_dir, p.mix, settings.nf4, p.device, p.trust_remote_code, settings.reference_kind)
         rows: dict[str, dict] = {}
+        texts = samples.Samples(settings.data, p.evaluations[0].name, p.evaluations[0].windows, AutoTokenizer.from_pretrained(p.base_dir, trust_remote_code=p.trust_remote_code))
+        texts.add(candidates.REFERENCES[settings.reference_kind], reference)
 
         def builder(kind: str, name: str) -> Callable[[], torch.nn.Module]:
             def build_one() -> torch.nn.Module:
                 model, layout = candidates.build(kind, src, reference)
                 rows[name] = candidates.describe(kind, layout, src)
+                if samples.shown(kind, settings.final_kind):
+                    texts.add(name, model)
                 return model
 
             return build_one
@@ -192,10 +209,11 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
         evaluations = [eval_section(e, r, settings.data.seq_len) for e, r in zip(p.evaluations, results)]
         (tmp / "candidates.json").write_text(json.dumps(rows, indent=2))
         (tmp / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
+        (tmp / "samples.json").write_text(json.dumps(texts.section(candidates.REFERENCES[settings.reference_kind]), indent=2))
         return {}
 
     evals = [(e.name, text.stream_sha256(e.windows)) for e in p.evaluations]
-    parts = dict(candidates=kinds, grid=asdict(settings.gptq), evals=evals, batch=batch, **common)
+    parts = dict(candidates=kinds, grid=asdict(settings.gptq), evals=evals, batch=batch, samples=samples.key(settings.data), **common)
     return Stage("drift", parts, build, after=tuple(after))
 
 
@@ -219,8 +237,13 @@ def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runne
         evaluations=json.loads((out / "drift" / "evaluations.json").read_text()),
         final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
         servers=servers(settings.gptq, p.in_features) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
-        recipe=recipe.resolved(settings),
+        recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"),
     )
+
+
+def _read_json(path: Path):
+    """A stage file added since the stage's first release (None when a reused stage predates it)."""
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_outputs(rep: dict, settings: RunSettings, out: Path, echo: bool) -> None:

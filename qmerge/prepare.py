@@ -13,13 +13,14 @@ from transformers import AutoTokenizer
 
 from qmerge.errors import QmergeError
 from qmerge.io import text
-from qmerge.io.inputs import load_base_config, resolve, tree_sha256
+from qmerge.io.inputs import hub_origin, load_base_config, resolve, tree_sha256
 from qmerge.io.manifests import key_of
-from qmerge.merge.adapter import Mix, load_mix
+from qmerge.merge.adapter import Mix, load_mix, parse_spec
 from qmerge.merge.edits import build_edits
 from qmerge.merge.nf4 import quantized_linear_names
 from qmerge.merge.prequantized import Prequantized
 from qmerge.merge.source import as_trained, effective_settings
+from qmerge.models.checkpoints import check_loadable
 from qmerge.models.device import pick_device
 from qmerge.quant.servers import check_group_size, check_target
 from qmerge.settings import DataSettings, NF4Settings, RunSettings
@@ -63,13 +64,14 @@ def check_out(out: Path, overwrite: bool, resume: bool = False) -> None:
         raise QmergeError(f"output directory {out} exists and is not empty; choose another --out, pass --overwrite, or --resume a run")
 
 
-def prepare(settings: RunSettings) -> Prepared:
-    """Fail in seconds on anything that would fail later: settings, inputs, shapes, group size, data."""
+def prepare(settings: RunSettings, data: bool = True) -> Prepared:
+    """Fail in seconds on anything that would fail later: settings, inputs, shapes, group size, data
+    (data=False: no token windows, and no tokenizer needed: a merge that is not verified)."""
     settings.validate()
     check_out(Path(settings.out), settings.overwrite, settings.resume)
     device = pick_device(settings.device)
-    base_dir = resolve(settings.base, "base")
     remote = settings.trust_remote_code
+    base_dir = resolve(settings.base, "base", settings.revision, remote)
     config = load_base_config(base_dir, remote)
     mix = load_mix(settings.adapter, settings.allow_pickle)
     source = as_trained(base_dir, config, settings.nf4, settings.merge_into, settings.allow_pickle, remote)
@@ -82,8 +84,12 @@ def prepare(settings: RunSettings) -> Prepared:
     for part in mix:
         check_vocabulary(part.adapter.directory, config, remote)
         warn_if_other_base(part.adapter, settings.base, base_dir)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote)
-    calibration, evaluations = token_windows(settings.data, tokenizer)
+    for kind, spec in zip(settings.checkpoint_kinds, settings.checkpoints):  # made elsewhere: fetched and checked now
+        name = kind.removeprefix("checkpoint:")
+        check_loadable(resolve(spec.partition("=")[2].strip(), f"checkpoint {name}", trust_remote_code=remote), name)
+    calibration, evaluations = torch.empty(0, dtype=torch.long), ()
+    if data:
+        calibration, evaluations = token_windows(settings.data, AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote))
     prequantized = isinstance(source, Prequantized)
     return Prepared(base_dir, mix, device, calibration, evaluations, shapes, nf4, prequantized, remote, settings.allow_pickle)
 
@@ -135,20 +141,24 @@ def inputs_record(settings: RunSettings, p: Prepared) -> dict:
     """report.json's `inputs`: what the run read, with the hashes that identify it (stage keys use them)."""
     base = {
         "spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": tree_sha256(p.base_dir),
-        "prequantized": p.prequantized,
+        "prequantized": p.prequantized, **hub_origin(settings.base, p.base_dir, settings.revision),
     }
     return {
         "base": base, "adapter": adapter_record(settings.adapter, p.mix),
-        "calibration_windows": len(p.calibration), "eval_windows": len(p.evaluations[0].windows),
+        "calibration_windows": len(p.calibration), "eval_windows": len(p.evaluations[0].windows) if p.evaluations else 0,
     }
 
 
 def adapter_record(specs: tuple[str, ...], mix: Mix) -> dict:
     """The adapter inputs for the report and stage keys: one adapter as {spec, path, sha256}; a mix as
     the same keys over all of it (sha256 of the parts' hashes and weights) plus each part."""
-    parts = [{"spec": spec, "path": str(part.adapter.directory), "weight": part.weight, "sha256": tree_sha256(part.adapter.directory)} for spec, part in zip(specs, mix)]
+    parts = [
+        {"spec": spec, "path": str(part.adapter.directory), "weight": part.weight, "sha256": tree_sha256(part.adapter.directory),
+         **hub_origin(parse_spec(spec)[0], part.adapter.directory)}
+        for spec, part in zip(specs, mix)
+    ]
     if len(parts) == 1 and parts[0]["weight"] == 1:
-        return {key: parts[0][key] for key in ("spec", "path", "sha256")}
+        return {key: value for key, value in parts[0].items() if key != "weight"}
     return {
         "spec": " + ".join(specs),
         "path": " + ".join(f"{part['path']}:{part['weight']:g}" for part in parts),

@@ -37,7 +37,7 @@ def _keys() -> dict[str, tuple[str | None, str]]:
 
 
 KEYS = _keys()
-LISTS = ("skip_modules", "candidates", "eval")  # tuple settings; a recipe or flag may write them comma-separated
+LISTS = ("skip_modules", "candidates", "eval", "checkpoints")  # tuple settings; a recipe or flag may write them comma-separated
 
 
 def defaults() -> dict:

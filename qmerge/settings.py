@@ -21,6 +21,14 @@ CANDIDATE_KINDS = ("merged", "original", "peft-nf4", "rtn", "gptq", "gptq-origin
 DEFAULT_CANDIDATES = tuple(k for k in CANDIDATE_KINDS if k != "gptq-original")  # a second GPTQ run only when asked
 
 
+def checkpoint_kind(spec: str) -> str:
+    """The candidate kind of one `--checkpoint NAME=DIR_OR_HUB_ID` (a checkpoint made elsewhere): "checkpoint:NAME"."""
+    name, sep, where = spec.partition("=")
+    if not sep or not name.strip() or not where.strip():
+        raise QmergeError(f"--checkpoint {spec!r} must be NAME=DIR_OR_HUB_ID, e.g. --checkpoint theirs=TheBloke/model-GPTQ")
+    return f"checkpoint:{name.strip()}"
+
+
 def reference_kind(merge_into: str) -> str:
     """The model the adapter was trained on follows the merge target: a QLoRA adapter ("qlora") merges
     into the 4-bit weights it saw, a plain LoRA ("lora") into the 16-bit ones."""
@@ -82,6 +90,9 @@ class DataSettings:
     seq_len: int = 512
     allow_overlap: bool = False  # evaluate on windows GPTQ was calibrated on (the overlap is reported)
     eval_batch: int = 0  # eval windows per forward; 0: 1 on CPU (no gain, more memory), 8 on a GPU
+    prompts: str | None = None  # a .txt (one prompt a line) or .jsonl (prompt or chat messages) file; None: the first eval windows
+    samples: int = 4  # prompts completed greedily side by side in the report (0: none)
+    sample_tokens: int = 32  # new tokens per completion
 
     def batch_on(self, device_type: str) -> int:
         """Windows per forward in the drift stage."""
@@ -99,6 +110,10 @@ class DataSettings:
                 raise QmergeError(f"{flag} {n} must be at least 1")
         if self.eval_batch < 0:
             raise QmergeError(f"--eval-batch {self.eval_batch} must be 0 (automatic) or more windows per forward")
+        if self.samples < 0 or self.sample_tokens < 1:
+            raise QmergeError(f"--samples {self.samples} / --sample-tokens {self.sample_tokens}: use 0 or more prompts and at least 1 token")
+        if self.prompts is not None and not Path(self.prompts).expanduser().is_file():
+            raise QmergeError(f"--prompts {self.prompts} is not a file; pass a .txt (one prompt a line) or .jsonl file")
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,8 @@ class RunSettings:
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES  # rows of the drift report (--skip-gptq drops those on the GPTQ grid)
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
+    checkpoints: tuple[str, ...] = ()  # NAME=DIR_OR_HUB_ID each: checkpoints made elsewhere (GPTQ, AWQ, merged) scored as candidates too
+    revision: str | None = None  # the base's hub revision (branch, tag or commit); adapters pin theirs as ID@REVISION
     # the nf4 fields the user set (flag or recipe): a pre-quantized base decides the others, and
     # refuses these when they disagree with it
     nf4_given: tuple[str, ...] = ()
@@ -130,6 +147,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         # one adapter string (the API, recipes, older callers) or a list (recipes, repeated --adapter)
         object.__setattr__(self, "adapter", (self.adapter,) if isinstance(self.adapter, str) else tuple(self.adapter))
+        object.__setattr__(self, "checkpoints", (self.checkpoints,) if isinstance(self.checkpoints, str) else tuple(self.checkpoints))
 
     def validate(self) -> None:
         self.nf4.validate()
@@ -146,15 +164,25 @@ class RunSettings:
         unknown = sorted(set(self.candidates) - set(CANDIDATE_KINDS))
         if unknown:
             raise QmergeError(f"--candidates {unknown[0]!r} is unknown; choose from {','.join(CANDIDATE_KINDS)}")
-        if self.final_kind not in self.candidates:
+        names = [kind.removeprefix("checkpoint:") for kind in self.checkpoint_kinds]
+        if len(set(names)) != len(names):
+            raise QmergeError(f"--checkpoint names a candidate twice ({', '.join(names)}); give each checkpoint its own NAME")
+        if self.final_kind not in (*self.candidates, *self.checkpoint_kinds):
             raise QmergeError(f"--candidates must include {self.final_kind}, the checkpoint this run delivers (budgets apply to it)")
         for flag, value in (("--max-kld", self.max_kld), ("--max-ppl-ratio", self.max_ppl_ratio)):
             if value is not None and value <= 0:
                 raise QmergeError(f"{flag} {value} must be positive")
 
     @property
+    def checkpoint_kinds(self) -> tuple[str, ...]:
+        return tuple(checkpoint_kind(spec) for spec in self.checkpoints)
+
+    @property
     def final_kind(self) -> str:
-        return "merged" if self.skip_gptq else "gptq"
+        """The checkpoint budgets apply to: gptq, merged with --skip-gptq, or, when that is not among
+        the candidates (qmerge eval of checkpoints made elsewhere), the first --checkpoint."""
+        own = "merged" if self.skip_gptq else "gptq"
+        return self.checkpoint_kinds[0] if own not in self.candidates and self.checkpoints else own
 
     @property
     def reference_kind(self) -> str:
@@ -170,7 +198,7 @@ class RunSettings:
     def evaluated(self) -> tuple[str, ...]:
         """The candidate kinds this run evaluates, in report order."""
         dropped = ("gptq", "gptq-original", "rtn") if self.skip_gptq else ()
-        return tuple(k for k in CANDIDATE_KINDS if k in self.candidates and k not in dropped)
+        return (*(k for k in CANDIDATE_KINDS if k in self.candidates and k not in dropped), *self.checkpoint_kinds)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -52,7 +52,7 @@ def child(tool: str, base: Path, adapter: Path, out: Path) -> None:
     if tool == "qmerge":
         from qmerge import merge_adapter
 
-        merge_adapter(str(base), str(adapter), out, into="nf4", device="cpu")
+        merge_adapter(str(base), str(adapter), out, merge_into="nf4", device="cpu", verify=False)
     elif tool == "imports":
         import peft  # noqa: F401
         import transformers  # noqa: F401

@@ -31,8 +31,7 @@ LIMIT = 800 * 2**20
 MERGE = """
 import sys
 from qmerge import merge_adapter
-from qmerge.settings import NF4Settings
-merge_adapter(sys.argv[1], sys.argv[2], sys.argv[3], into="nf4", device="cpu", nf4=NF4Settings(skip_modules=("gate_proj", "up_proj", "down_proj", "lm_head")))
+merge_adapter(sys.argv[1], sys.argv[2], sys.argv[3], merge_into="nf4", device="cpu", skip_modules=["gate_proj", "up_proj", "down_proj", "lm_head"], verify=False)
 """
 
 

@@ -126,11 +126,27 @@ def make_report(evaluations: list[dict], base_path: str = "/models/base", with_g
 NOISES = {"merged": (0.02, 1), "gptq 4-bit g32": (0.3, 2), "original": (0.15, 3), "base (no adapter)": (1.0, 4), "noise floor": (0.004, 5)}
 
 
+# The side-by-side completions: markdown and HTML syntax, a control character and the hostile name in
+# prompts, texts and model names; " return x - 1" departs from the reference at its third token, " -".
+PROMPT = "def f(x): <b>*bold*</b> | `tick` [link](x) # not a heading\n"
+SAMPLES = {
+    "source": "eval set stdlib: the first 8 tokens of its first 1 windows", "tokens": 8, "reference": "reference (QLoRA as trained)",
+    "prompts": [{"prompt": PROMPT, "completions": {
+        "reference (QLoRA as trained)": {"text": " return x + 1\x1b\nend", "ids": [1, 2, 3, 4, 5, 6]},
+        "gptq 4-bit g32": {"text": " return x - 1", "ids": [1, 2, 7, 4], "diverges_at": 2, "marked": [9, 11]},
+        "merged": {"text": " return x + 1\x1b\nend", "ids": [1, 2, 3, 4, 5, 6], "diverges_at": None, "marked": None},
+        HOSTILE: {"text": HOSTILE, "ids": [9], "diverges_at": 0, "marked": [0, 5]},
+    }}],
+}
+
+
 @pytest.fixture(scope="module")
 def full_report() -> dict:
-    """Two eval sets, every candidate kind, layers and a GPTQ log; a hostile candidate name and path."""
+    """Two eval sets, every candidate kind, layers, a GPTQ log and side-by-side completions; a hostile
+    candidate name and path."""
     noises = {**NOISES, HOSTILE: (0.5, 6)}
-    return make_report([evaluation("stdlib", 1, noises)[0], evaluation("wikitext2", 2, noises)[0]], base_path="/models/</code><script>alert(1)</script>")
+    rep = make_report([evaluation("stdlib", 1, noises)[0], evaluation("wikitext2", 2, noises)[0]], base_path="/models/</code><script>alert(1)</script>")
+    return {**rep, "samples": SAMPLES}
 
 
 def test_html_self_contained_well_formed_and_escaped(full_report, tmp_path):
@@ -149,9 +165,30 @@ def test_html_self_contained_well_formed_and_escaped(full_report, tmp_path):
     assert kinds == ["chart kld-hist", "chart pareto", "chart dots", "chart layers"] * 2 + ["chart gptq-loss"]
     # the tables are report.md's: every table row of the markdown is a row of the page
     md_rows = [line for line in markdown.markdown(full_report).splitlines() if line.startswith("|") and not re.fullmatch(r"[|:\- ]+", line)]
-    assert len(list(root.iter("tr"))) == len(md_rows)
+    assert len([tr for table in root.iter("table") if table.get("class") != "samples" for tr in table.iter("tr")]) == len(md_rows)
     first = md_rows[1].split("|")[2].strip()  # a formatted number of the first table, verbatim
     assert first in text
+
+
+def test_completions_side_by_side_are_escaped_present_and_marked(full_report, tmp_path):
+    """report.md and report.html show every prompt and completion as text, nothing of it read as
+    markup, and the first differing token marked (and only for the model that differs)."""
+    files.write(full_report, tmp_path)
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    root = ET.fromstring(page)
+    table = next(t for t in root.iter("table") if t.get("class") == "samples")
+    cells = {"".join(tr[0].itertext()): tr[1] for tr in table.iter("tr") if tr[0].tag == "td"}
+    assert set(cells) == set(SAMPLES["prompts"][0]["completions"])
+    assert "".join(cells["reference (QLoRA as trained)"].itertext()) == " return x + 1\u241b\nend"  # ESC shown as its control picture
+    marks = {name: [m.text for m in cell.iter("mark")] for name, cell in cells.items()}
+    assert marks == {"reference (QLoRA as trained)": [], "gptq 4-bit g32": [" -"], "merged": [], HOSTILE: ["<img "]}
+    assert "".join(cells["gptq 4-bit g32"].itertext()) == " return x - 1" and "<img src" not in page and "\x1b" not in page
+    assert next(p for p in root.iter("pre") if p.get("class") == "prompt").text == PROMPT
+    section = md[md.index("## Completions side by side"):]
+    assert "> def f(x): \\<b\\>\\*bold\\*\\</b\\> | \\`tick\\` \\[link\\](x) \\# not a heading⏎" in section
+    assert "| gptq 4-bit g32 |  return x⟦ -⟧ 1 | token 3 |" in section and "| merged |  return x + 1␛⏎end | none |" in section
+    assert f"⟦{html.escape('<img ')}⟧" not in section and "⟦\\<img ⟧" in section and "(reference)" in section
+    assert markdown.md_table(["a"], [["x|y"]]).count("\\|") == 1  # a pipe in a completion stays inside its cell
 
 
 def test_chart_geometry_follows_the_numbers(full_report):

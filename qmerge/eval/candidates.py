@@ -7,6 +7,8 @@
   gptq           DIR/gptq: GPTQ of DIR/merged
   gptq-original  DIR/gptq-original: GPTQ of the original-base merge (only when asked)
   base           the base without the adapter (context: how far the fine-tune moved the model)
+  checkpoint     a checkpoint made elsewhere (--checkpoint NAME=DIR_OR_HUB_ID: a GPTQ or AWQ of the
+                 same fine-tune, another tool's merge), shown under its NAME
   noise-floor    the reference computing in the training compute dtype (context)
 Checkpoints on disk are loaded from their stage directories; the others are built in memory.
 """
@@ -21,14 +23,16 @@ import torch
 from qmerge.eval.drift import NOISE_FLOOR
 from qmerge.merge.adapter import Mix
 from qmerge.models.base import dequantized
+from qmerge.io.inputs import resolve
 from qmerge.models.checkpoints import candidate_dtype, load_baseline, load_candidate
 from qmerge.models.reference import peft_nf4
 from qmerge.quant import rtn, sizes
-from qmerge.settings import GPTQSettings, NF4Settings
+from qmerge.settings import GPTQSettings, NF4Settings, checkpoint_kind
 
 REFERENCES = {"qlora": "reference (QLoRA as trained)", "lora": "reference (LoRA on the 16-bit base)"}
 
 CONTEXT = ("base", "noise-floor")
+CHECKPOINT = "checkpoint:"  # kinds of the checkpoints made elsewhere: "checkpoint:NAME"
 STAGE_DIRS = {"merged": "merged", "gptq": "gptq", "gptq-original": "gptq-original"}
 
 
@@ -45,9 +49,12 @@ class Sources:
     linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer that gets quantized
     device: torch.device
     trust_remote_code: bool = False
+    checkpoints: tuple[str, ...] = ()  # NAME=DIR_OR_HUB_ID of the checkpoints made elsewhere
 
 
 def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4") -> str:
+    if kind.startswith(CHECKPOINT):
+        return kind.removeprefix(CHECKPOINT)
     grid = f"{gptq.bits}-bit g{gptq.group_size}"
     return {
         "merged": "merged (NF4 base + adapter)" if merge_into == "nf4" else "merged (original base + adapter)",
@@ -64,6 +71,9 @@ def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4") -> str:
 def path_of(kind: str, src: Sources) -> Path | None:
     if kind in STAGE_DIRS:
         return src.out / STAGE_DIRS[kind]
+    if kind.startswith(CHECKPOINT):
+        spec = next(spec for spec in src.checkpoints if checkpoint_kind(spec) == kind)
+        return resolve(spec.partition("=")[2].strip(), f"checkpoint {display_name(kind, src.gptq)}", trust_remote_code=src.trust_remote_code)
     return src.base_dir if kind == "base" else None
 
 
@@ -72,7 +82,7 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
     per tensor of its checkpoint format (see qmerge.quant.sizes). `reference` is models.reference.load_reference's
     model, which "peft-nf4" copies (it is a QLoRA reference whenever that row exists)."""
     remote = src.trust_remote_code
-    if kind in STAGE_DIRS:
+    if kind in STAGE_DIRS or kind.startswith(CHECKPOINT):
         path = path_of(kind, src)
         return load_candidate(path, src.device, remote), sizes.checkpoint_layout(path)
     if kind == "base":  # no size for a pickled base (--allow-pickle)
@@ -94,7 +104,7 @@ def compute_dtype(kind: str, src: Sources) -> str:
     if kind == "noise-floor":
         return src.nf4.compute_dtype
     path = path_of(kind, src)
-    dtype = candidate_dtype(path, src.device) if kind in STAGE_DIRS else torch.float32
+    dtype = candidate_dtype(path, src.device) if kind in STAGE_DIRS or kind.startswith(CHECKPOINT) else torch.float32
     return str(dtype).removeprefix("torch.")
 
 
@@ -103,7 +113,7 @@ def describe(kind: str, tensors: dict[str, int] | None, src: Sources) -> dict:
     size, bpw = sizes.summary(tensors, src.linears) if tensors is not None else (None, None)
     path = path_of(kind, src)
     return {
-        "kind": kind,
+        "kind": "checkpoint" if kind.startswith(CHECKPOINT) else kind,
         "context": kind in CONTEXT,
         "path": str(path) if path is not None else None,
         "compute_dtype": compute_dtype(kind, src),

@@ -21,11 +21,11 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from tqdm import tqdm
 
 from qmerge.eval.metrics import compare, kld_histogram, per_window, summarize
 from qmerge.io.dtypes import torch_dtype
 from qmerge.io.memory import release
+from qmerge.io.progress import Progress
 from qmerge.models.base import set_4bit_compute_dtype
 
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
@@ -133,8 +133,9 @@ def evaluate(
     if floor_dtype != torch.float32:
         passes[0].append(NOISE_FLOOR)
     batches = sum(-(-len(t.windows) // batch_size) for t in tallies)
-    with tqdm(total=len(passes) * batches, desc="drift", unit="batch", disable=None if show_progress else True, leave=False) as bar:
+    with Progress(len(passes) * batches, "drift", "batch", enabled=None if show_progress else False) as bar:
         for names in passes:
+            bar.note(", ".join(names))
             models = {name: None if name == NOISE_FLOOR else candidates[name]() for name in names}
             for tally in tallies:
                 for start in range(0, len(tally.windows), batch_size):

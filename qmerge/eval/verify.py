@@ -20,6 +20,7 @@ from qmerge.errors import VerifyError
 from qmerge.eval.metrics import compare
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.memory import release
+from qmerge.io.progress import track
 from qmerge.merge.adapter import Mix
 from qmerge.models.base import dequantized
 from qmerge.models.checkpoints import load_candidate
@@ -87,7 +88,7 @@ def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device:
     merged = LazyCheckpoint.open(merged_dir)
     dtypes: set[torch.dtype] = set()
     modules = []
-    for key in merged.keys():
+    for key in track(merged.keys(), "verify", "tensor"):
         stored = merged.get(key)
         dtypes.add(stored.dtype)
         modules.append(_compare(key, stored, expected.get(key)))

@@ -1,5 +1,8 @@
 """Resolve BASE and ADAPTER arguments to local directories: a local folder as is, otherwise a
-Hugging Face hub id fetched with huggingface_hub (safetensors, configs and tokenizer only)."""
+Hugging Face hub id, pinned to a revision when given (`--revision REV`, or `ID@REV`), fetched with
+huggingface_hub: only what a transformers load reads (top-level safetensors, configs, tokenizer,
+chat template; a repository's own `*.py` with --trust-remote-code), not the `consolidated.safetensors`
+twin of Mistral-style repositories or the `original/` folder of Meta's, which would double the download."""
 
 from __future__ import annotations
 
@@ -11,25 +14,51 @@ from transformers import AutoConfig
 
 from qmerge.errors import QmergeError
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+def hub_patterns(trust_remote_code: bool = False) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns of a hub download: the top-level files a transformers or PEFT load reads."""
+    allow = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", *(["*.py"] if trust_remote_code else [])]
+    return allow, ["*/*", "consolidated*"]
 
 
-def resolve(spec: str, what: str) -> Path:
-    """A local directory, or a hub id downloaded to the hub cache (network only when named)."""
+def split_revision(spec: str, revision: str | None = None) -> tuple[str, str | None]:
+    """"org/name@REV" -> ("org/name", "REV"); a `revision` given beside must agree."""
+    repo, sep, pinned = spec.partition("@")
+    if not sep:
+        return spec, revision
+    if not pinned or (revision is not None and revision != pinned):
+        raise QmergeError(f"{spec!r} pins revision {pinned or '(empty)'!r} but --revision says {revision!r}; give the revision once")
+    return repo, pinned
+
+
+def resolve(spec: str, what: str, revision: str | None = None, trust_remote_code: bool = False) -> Path:
+    """A local directory, or a hub id (at `revision`, or pinned as ID@REV) downloaded to the hub
+    cache (network only when named; HF_HUB_OFFLINE=1 reads the cache alone)."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise QmergeError(f"{what} {spec} is a file; pass the directory that holds it")
         return path
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+    repo, revision = split_revision(spec, revision)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise QmergeError(f"{what} directory {spec} does not exist; pass an existing folder or a hub id such as org/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    allow, ignore = hub_patterns(trust_remote_code)
     try:
-        return Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=allow, ignore_patterns=ignore))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise QmergeError(f"cannot fetch {what} {spec!r} from the hub ({type(e).__name__}); check the id, your network and HF_TOKEN") from e
+        at = f" at revision {revision!r}" if revision else ""
+        raise QmergeError(f"cannot fetch {what} {repo!r}{at} from the hub ({type(e).__name__}); check the id, the revision, your network and HF_TOKEN") from e
+
+
+def hub_origin(spec: str, path: Path, revision: str | None = None) -> dict:
+    """For the report: the revision asked for and the commit the hub cache resolved it to (its
+    snapshot folder's name); nothing for a local folder."""
+    if Path(spec).expanduser().exists():
+        return {}
+    _, revision = split_revision(spec, revision)
+    return {"revision": revision, "commit": path.name if path.parent.name == "snapshots" else None}
 
 
 def load_base_config(base: Path, trust_remote_code: bool = False):

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from qmerge.merge.adapter import Adapter, Mix, Weighted
 from qmerge.io.checkpoint import INDEX_NAME, ShardWriter
 from qmerge.merge.edits import build_edits
 from qmerge.merge.lora import LoraDelta
 from qmerge.io.dtypes import torch_dtype
+from qmerge.io.progress import track
 from qmerge.merge.source import as_trained
 from qmerge.settings import NF4Settings
 
@@ -41,7 +41,7 @@ def merge(
     dtype: str,
     device: torch.device,
     into: str = "nf4",
-    show_progress: bool = True,
+    show_progress: bool | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> MergeResult:
@@ -61,8 +61,7 @@ def merge(
     out_dtype = torch_dtype(dtype)
     writer = ShardWriter(out_dir)
     keys = source.keys()
-    # disable=None: no bar when stderr is not a terminal, so logs and errors stay one line each
-    for key in tqdm(keys, desc="merge", unit="tensor", disable=None if show_progress else True, leave=False):
+    for key in track(keys, "merge", "tensor", enabled=show_progress):  # None: as the caller's context says (qmerge.io.progress)
         tensor = source.get(key, device)
         writer.add(key, _stored(edits.apply(key, tensor, device), out_dtype))
     for key, tensor in edits.extra_tensors():

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from qmerge.errors import QmergeError
 from qmerge.io.dtypes import torch_dtype
+from qmerge.io.inputs import quantization_method
 from qmerge.merge.adapter import Mix
 from qmerge.merge.edits import apply_to_model
 from qmerge.models.base import load_base
@@ -29,6 +31,21 @@ def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = F
     if _quantized(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), **load).eval()
     return float32_compute(AutoModelForCausalLM.from_pretrained(path, dtype="auto", **load)).eval()
+
+
+SCORED = ("gptq", "awq", "bitsandbytes 4-bit")  # quantizations a candidate may have: transformers loads them here (GPTQ and AWQ through GPTQModel)
+
+
+def check_loadable(path: Path, name: str) -> None:
+    """A checkpoint made elsewhere (--checkpoint) must be a transformers checkpoint, 16-bit or of a
+    quantization transformers loads here; others are refused by name before any work."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise QmergeError(f"checkpoint {name} ({path}) has no config.json; pass a Hugging Face checkpoint folder or hub id")
+    quantization = json.loads(config.read_text()).get("quantization_config")
+    method = quantization_method(quantization) if quantization else None
+    if method is not None and method not in SCORED:
+        raise QmergeError(f"checkpoint {name} is quantized with {method}, which qmerge cannot load to evaluate; pass a GPTQ, AWQ, bitsandbytes 4-bit or 16-bit checkpoint")
 
 
 def _quantized(path: Path) -> bool:

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from qmerge.io.progress import Progress
 from qmerge.models.engine import gptqmodel
 from qmerge.settings import GPTQSettings
 
@@ -37,20 +37,18 @@ def quantize(
         model = engine.GPTQModel.load(str(merged_dir), config, device=str(device), trust_remote_code=trust_remote_code)
         rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calibration]
         layers = model.model.model.layers
-        bar = tqdm(total=len(layers), desc="gptq", unit="layer", file=progress_stream, disable=None, leave=False)
-        seen: set[int] = set()
+        bar = Progress(len(layers), "gptq", "layer", stream=progress_stream)
 
         def on_layer(index: int):
             def hook(*_):
-                if index not in seen:
-                    seen.add(index)
-                    bar.update(1)
+                bar.update(max(0, index - bar.done))  # layer `index` starts: the layers before it are done
 
             return hook
 
         handles = [layer.register_forward_pre_hook(on_layer(i)) for i, layer in enumerate(layers)]
         try:
             model.quantize(rows, batch_size=1)
+            bar.update(len(layers) - bar.done)
         finally:
             for h in handles:
                 h.remove()

@@ -2,7 +2,9 @@
 with the charts a table hides: the KLD distribution, drift per layer, size against mean KLD, PPL with
 its error bars, and GPTQ's per-module losses.
 
-The text and tables are report.md converted here, so the two files never disagree; the charts are
+The text and tables are report.md converted here, so the two files never disagree (the side-by-side
+completions, model output that markdown must not interpret, come from the same report data through
+qmerge.report.samples, which writes both renderings); the charts are
 SVG drawn in Python, so the page opens anywhere (an air-gapped review machine included) and carries
 no code. Every string taken from a report (names, paths) is user input and is escaped. The page is
 well-formed XML as well as HTML, which is what the tests parse.
@@ -16,6 +18,7 @@ from html import escape
 from qmerge.report.charts import (
     PALETTE, REFERENCE_COLOUR, Axis, Row, dot_plot, gptq_loss_chart, is_context, kld_hist_chart, layer_chart, pareto_chart,
 )
+from qmerge.report import samples
 from qmerge.report.markdown import markdown
 
 STYLE = """
@@ -30,15 +33,20 @@ figure{margin:1.5em 0}
 figcaption{font-size:13px;color:#444;max-width:860px}
 svg{display:block}
 svg text{font-family:system-ui,sans-serif;fill:#222}
+table.samples th{text-align:left}
+table.samples td.text{white-space:pre-wrap;text-align:left;min-width:32em;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+pre.prompt{white-space:pre-wrap}
+mark{background:#ffd54f}
+.after{color:#777}
 """
 # No request of any kind: a report that tried to load something would fail loudly in the browser.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
 def render(report: dict) -> str:
-    """The whole report page: report.md's text and tables, then the charts of each eval set (a part
-    the report lacks, such as layers or a GPTQ log, leaves its chart out)."""
-    body = markdown_to_html(markdown(report))
+    """The whole report page: report.md's text and tables, the side-by-side completions, then the
+    charts of each eval set (a part the report lacks, such as layers or a GPTQ log, leaves its chart out)."""
+    body = markdown_to_html(markdown(report)) + samples.html(report)
     colours = candidate_colours(report)
     charts = [evaluation_charts(report, ev, colours) for ev in report.get("evaluations", [])]
     if report.get("gptq_log"):

@@ -149,8 +149,9 @@ def examples(quick: int, full: int) -> list:
     return [pytest.param(quick, id=f"{quick}-examples"), pytest.param(full, id=f"{full}-examples", marks=pytest.mark.slow)]
 
 
-def reference_model(base: Path, adapter: Path):
-    """The oracle: PEFT's QLoRA model (NF4 base + adapter, unmerged), computing in float32."""
+def reference_model(base: Path, adapter: Path, nf4=None):
+    """The oracle: PEFT's QLoRA model (NF4 base + adapter, unmerged), computing in float32 with the
+    weights bitsandbytes' forward computes with in training (bnb_computed_weight), not qmerge's code."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -159,11 +160,44 @@ def reference_model(base: Path, adapter: Path):
 
     import bitsandbytes as bnb
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"))
-    for m in model.modules():
+    nf4 = nf4 or NF4Settings()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(nf4, "float32"))
+    for name, m in list(model.named_modules()):
         if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False  # else bitsandbytes computes in bf16 on such CPUs
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(bnb_computed_weight(m, getattr(torch, nf4.compute_dtype)))
+                if m.bias is not None:
+                    linear.bias.copy_(m.bias.float())
+            model.set_submodule(name, linear)
     return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def loaded_linear(weight: torch.Tensor, nf4):
+    """A Linear4bit quantized as transformers' load quantizes one (integrations/bitsandbytes.py,
+    Bnb4bitQuantize: Params4bit(value, **old.__dict__).to(device)), blocksize set on the parameter
+    (BitsAndBytesConfig has no blocksize)."""
+    import bitsandbytes as bnb
+
+    module = bnb.nn.Linear4bit(
+        weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32, compress_statistics=nf4.double_quant,
+        quant_type=nf4.quant_type, quant_storage=getattr(torch, nf4.quant_storage),
+    )
+    old = module.weight
+    old.blocksize = nf4.blocksize
+    module.weight = bnb.nn.Params4bit(weight, requires_grad=False, **old.__dict__).to(weight.device)
+    return module.eval()
+
+
+def bnb_computed_weight(module, compute_dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight a bitsandbytes Linear4bit's forward multiplies by when it computes in
+    `compute_dtype`, as bitsandbytes itself computes it: matmul_4bit of the identity (each output
+    element one product with 1, exact), as float32."""
+    import bitsandbytes as bnb
+
+    eye = torch.eye(module.in_features, dtype=compute_dtype)
+    with torch.no_grad():
+        return bnb.matmul_4bit(eye, module.weight.t(), quant_state=module.weight.quant_state).T.float()
 
 
 def mean_kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

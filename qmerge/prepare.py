@@ -49,6 +49,7 @@ class Prepared:
     prequantized: bool  # the base is a bitsandbytes 4-bit checkpoint (no 16-bit weights)
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    bos: bool = False  # every window starts with the tokenizer's BOS token (qmerge.io.text.token_windows)
 
     @property
     def in_features(self) -> set[int]:
@@ -85,7 +86,8 @@ def prepare(settings: RunSettings) -> Prepared:
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote)
     calibration, evaluations = token_windows(settings.data, tokenizer)
     prequantized = isinstance(source, Prequantized)
-    return Prepared(base_dir, mix, device, calibration, evaluations, shapes, nf4, prequantized, remote, settings.allow_pickle)
+    bos = text.bos_of(tokenizer) is not None
+    return Prepared(base_dir, mix, device, calibration, evaluations, shapes, nf4, prequantized, remote, settings.allow_pickle, bos)
 
 
 def token_windows(d: DataSettings, tokenizer) -> tuple[torch.Tensor, tuple[EvalSet, ...]]:
@@ -139,7 +141,7 @@ def inputs_record(settings: RunSettings, p: Prepared) -> dict:
     }
     return {
         "base": base, "adapter": adapter_record(settings.adapter, p.mix),
-        "calibration_windows": len(p.calibration), "eval_windows": len(p.evaluations[0].windows),
+        "calibration_windows": len(p.calibration), "eval_windows": len(p.evaluations[0].windows), "windows_start_with_bos": p.bos,
     }
 
 

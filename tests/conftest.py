@@ -17,8 +17,10 @@ import torch
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
-def make_tokenizer(directory: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(directory: Path, vocab_size: int, add_bos: bool = False, specials: tuple[str, ...] = ()) -> None:
+    """A byte-level BPE trained on the stdlib corpus; `add_bos`: it puts <s> before every text, as
+    Llama's, Gemma's and Mistral's do; `specials`: more special tokens a family's tokenizer class expects."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from qmerge.io.corpus import stdlib_part
@@ -26,21 +28,23 @@ def make_tokenizer(directory: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *specials], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(stdlib_part("train")[:300], trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
     fast.save_pretrained(directory)
 
 
-def make_base(directory: Path, seed: int = 0, **overrides) -> Path:
+def make_base(directory: Path, seed: int = 0, add_bos: bool = False, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(**{**TINY, "tie_word_embeddings": False, **overrides})
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(directory)
-    make_tokenizer(directory, config.vocab_size)
+    make_tokenizer(directory, config.vocab_size, add_bos)
     return directory
 
 

@@ -25,7 +25,7 @@ from qmerge.io.inputs import load_base_config, resolve
 from qmerge.merge.adapter import load_mix
 from qmerge.merge.source import as_trained, effective_settings
 from qmerge.merge.streaming import merge
-from qmerge.models.checkpoints import load_candidate
+from qmerge.eval.candidates import load_checkpoint
 from qmerge.models.device import pick_device
 from qmerge.models.reference import load_reference
 from qmerge.prepare import check_out
@@ -156,7 +156,7 @@ def evaluate(base: str, adapter: str | list[str], candidates: dict[str, str | Pa
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     windows = text.windows(eval, "eval", tokenizer, seq_len, eval_samples)
     reference = load_reference(base_dir, mix, nf4, dev)
-    models = {name: functools.partial(load_candidate, Path(path), dev) for name, path in candidates.items()}  # loaded one at a time
+    models = {name: functools.partial(load_checkpoint, Path(path), dev) for name, path in candidates.items()}  # loaded one at a time, GPTQ as its float32 weights
     result = evaluate_models(reference, models, [windows], nf4.compute_dtype, show_progress=False, scored_bytes=[text.scored_bytes(windows, tokenizer)])
     return result[0]["metrics"]
 

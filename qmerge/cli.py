@@ -31,7 +31,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out, replacing each stage's output as the stage finishes")
     p.add_argument("--resume", action="store_true", help="continue a run in --out: reuse every finished stage whose manifest verifies")
     p.add_argument("--bits", type=int, help="GPTQ bits: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, help="GPTQ group size, -1 for per channel (default 128)")
+    p.add_argument("--group-size", type=_group_size, help="GPTQ group size: auto (default: the largest of 128, 64, 32 dividing every quantized layer), -1 per channel, or 16..")
     p.add_argument("--act-order", action=B, help="GPTQ desc_act; off in the portable profile")
     p.add_argument("--sym", action=B, help="symmetric GPTQ (default; vLLM's Marlin path needs it)")
     p.add_argument("--damp", type=float, help="GPTQ dampening fraction (default 0.01)")
@@ -56,6 +56,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
     p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout, everything else on stderr")
     p.add_argument("--verbose", action="store_true", help="show library logs (transformers, GPTQModel) and tracebacks")
+
+
+def _group_size(value: str) -> int | str:
+    """--group-size: "auto" or an integer (validated with the other settings)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor an integer") from None
 
 
 def _add_base_options(p: argparse.ArgumentParser) -> None:

@@ -104,6 +104,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     torch.manual_seed(settings.seed)
     p = prepare(settings)
     settings = effective(settings, p)
+    if echo and p.plan is not None and p.plan.note:
+        print(f"[qmerge] {p.plan.note}", flush=True)
     out = Path(settings.out).resolve()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -124,9 +126,10 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
 
 def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool) -> list[Stage]:
     """The stages this run needs, in order: each one's key includes the keys of those it reads."""
-    common = {"qmerge": VERSION, "device": p.device.type, "nf4": asdict(settings.nf4)}
+    # library versions: an upgraded stack may produce other outputs; calibration windows in order: GPTQ's result depends on it
+    common = {"qmerge": VERSION, "versions": library_versions(), "device": p.device.type, "nf4": asdict(settings.nf4)}
     hashes = {"base": inputs["base"]["sha256"], "adapter": inputs["adapter"]["sha256"], **common}
-    calibration = key_of(windows=sorted(text.window_hashes(p.calibration)))
+    calibration = text.stream_sha256(p.calibration)
     kinds = settings.evaluated
     stages = [merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo)]
     if "gptq" in kinds:
@@ -167,7 +170,7 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
 
 def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool) -> Stage:
     """DIR/drift: every candidate scored against the reference on every eval set."""
-    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code)
+    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code, p.nf4_linears)
     names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
     batch = settings.data.batch_on(p.device.type)  # float32 GEMMs of another batch shape may round differently: part of the key
 
@@ -211,14 +214,16 @@ def eval_section(e: EvalSet, result: dict, seq_len: int) -> dict:
 def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runner: StageRunner) -> dict:
     """The report, from the stage results on disk and what the run recorded."""
     gptq = not settings.skip_gptq
+    resolved = settings.to_dict()
+    resolved["gptq"]["group_size_auto"] = p.plan is not None and p.plan.note is not None
     return assemble(
-        inputs=inputs, settings=settings.to_dict(),
+        inputs=inputs, settings=resolved,
         reference={"name": candidates.REFERENCES[settings.reference_kind], "kind": settings.reference_kind},
         versions=library_versions(), device=device_info(p.device), merge=runner.infos["merged"], stages=runner.records,
         candidates=json.loads((out / "drift" / "candidates.json").read_text()),
         evaluations=json.loads((out / "drift" / "evaluations.json").read_text()),
         final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
-        servers=servers(settings.gptq, p.in_features) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
+        servers=servers(settings.gptq, p.in_features, p.plan.loader) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
         recipe=recipe.resolved(settings),
     )
 

@@ -223,11 +223,11 @@ def gptq_7b(work: Path, deadline: float) -> None:
 @step
 def drift_7b(work: Path, deadline: float) -> None:
     """The drift stage on the 7B-shaped model: the reference (bitsandbytes 4-bit + adapter, float32
-    compute), DIR/merged in float32 and the GPTQ model (Marlin, float16), 4 random-token windows of 512
+    compute), DIR/merged and the GPTQ checkpoint's weights, both in float32, 4 random-token windows of 512
     (timing and memory; the weights are random, so the KLDs only show that the path runs)."""
     from qmerge.eval.drift import evaluate
     from qmerge.merge.adapter import load_mix
-    from qmerge.models.checkpoints import load_candidate
+    from qmerge.eval.candidates import load_checkpoint
     from qmerge.models.reference import load_reference
 
     if past(deadline, "drift 7b"):
@@ -236,7 +236,7 @@ def drift_7b(work: Path, deadline: float) -> None:
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     reference = load_reference(work / "7b-base", load_mix((str(work / "7b-adapter"),)), NF4Settings(), GPU)
-    models = {name: functools.partial(load_candidate, work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
+    models = {name: functools.partial(load_checkpoint, work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
     loaded = time.perf_counter() - t
     t = time.perf_counter()
     result = evaluate(reference, models, [windows], "bfloat16", show_progress=False)[0]

@@ -204,6 +204,26 @@ def bnb_computed_weight(module, compute_dtype: torch.dtype) -> torch.Tensor:
         return bnb.matmul_4bit(eye, module.weight.t(), quant_state=module.weight.quant_state).T.float()
 
 
+def gptq_oracle(path: Path):
+    """A GPTQ checkpoint as transformers loads it, each GPTQModel layer replaced by a float32 nn.Linear
+    of GPTQModel's own dequantize_weight (scales upcast first, so its product is exact in float32):
+    the checkpoint's weights in float32 without qmerge's unpacking."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseQuantLinear):
+            module.scales = module.scales.float()
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantize_weight().T.float())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias.float())
+            model.set_submodule(name, linear)
+    return model.eval()
+
+
 def mean_kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     """KL(P‖Q) per position, averaged: written out independently of qmerge.eval.metrics."""
     lp = torch.log_softmax(p_logits.double(), -1)

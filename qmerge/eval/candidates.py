@@ -21,9 +21,10 @@ import torch
 from qmerge.eval.drift import NOISE_FLOOR
 from qmerge.merge.adapter import Mix
 from qmerge.models.base import dequantized
-from qmerge.models.checkpoints import candidate_dtype, load_baseline, load_candidate
+from qmerge.models.checkpoints import is_quantized, load_baseline, load_candidate
 from qmerge.models.reference import peft_nf4
 from qmerge.quant import rtn, sizes
+from qmerge.quant.gptq_float import load_float32
 from qmerge.settings import GPTQSettings, NF4Settings
 
 REFERENCES = {"qlora": "reference (QLoRA as trained)", "lora": "reference (LoRA on the 16-bit base)"}
@@ -42,9 +43,10 @@ class Sources:
     nf4: NF4Settings
     gptq: GPTQSettings
     merged_dtype: str
-    linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer that gets quantized
+    linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer GPTQ quantizes (bits per weight are over these)
     device: torch.device
     trust_remote_code: bool = False
+    nf4_linears: frozenset[str] = frozenset()  # the layers bitsandbytes quantized (PEFT's 4-bit merge re-rounds these)
 
 
 def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4") -> str:
@@ -74,7 +76,7 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
     remote = src.trust_remote_code
     if kind in STAGE_DIRS:
         path = path_of(kind, src)
-        return load_candidate(path, src.device, remote), sizes.checkpoint_layout(path)
+        return load_checkpoint(path, src.device, remote), sizes.checkpoint_layout(path)
     if kind == "base":  # no size for a pickled base (--allow-pickle)
         return load_baseline(kind, src.base_dir, src.mix, src.device, remote), sizes.checkpoint_layout(src.base_dir) or None
     linears = set(src.linears)
@@ -84,18 +86,21 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
         model = peft_nf4(reference)
-        layout = sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
+        layout = sizes.with_linears(merged, src.nf4_linears, sizes.state_tensors(model, src.nf4_linears))
         return dequantized(model), layout
     model = load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)
     return model, merged  # "original": the same tensors and dtype as DIR/merged
 
 
+def load_checkpoint(path: Path, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A candidate checkpoint computing in float32: a GPTQ checkpoint as the float32 weights it stores
+    (every row at one precision, whatever kernel a server picks), a float one upcast per use."""
+    return (load_float32 if is_quantized(path) else load_candidate)(path, device, trust_remote_code)
+
+
 def compute_dtype(kind: str, src: Sources) -> str:
-    if kind == "noise-floor":
-        return src.nf4.compute_dtype
-    path = path_of(kind, src)
-    dtype = candidate_dtype(path, src.device) if kind in STAGE_DIRS else torch.float32
-    return str(dtype).removeprefix("torch.")
+    """Every row computes in float32 but the noise floor (the training compute dtype)."""
+    return src.nf4.compute_dtype if kind == "noise-floor" else "float32"
 
 
 def describe(kind: str, tensors: dict[str, int] | None, src: Sources) -> dict:

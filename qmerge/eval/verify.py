@@ -103,10 +103,14 @@ def raise_if_failed(result: Verification) -> None:
 
 def _peft_merged(base: torch.nn.Module, mix: Mix) -> dict[str, torch.Tensor]:
     """PEFT's merge of the adapters into a float32 copy of `base` (a load_base model, the base as the
-    adapter saw it): every bitsandbytes Linear4bit replaced by a plain Linear holding its dequantized
-    weight."""
+    adapter saw it): every bitsandbytes Linear4bit replaced by a plain Linear holding its weight as
+    trained. Keyed as a checkpoint stores the tensors: transformers' own reverse conversion (what
+    save_pretrained writes), so fused MoE experts come out one tensor per expert."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     merged = peft_model(dequantized(base), mix).merge_and_unload()
-    return {k: v.detach() for k, v in merged.state_dict().items()}
+    merged._weight_conversions = None  # the architecture's conversions only, not the 4-bit load's (which has no reverse)
+    return {k: v.detach() for k, v in revert_weight_conversion(merged, merged.state_dict()).items()}
 
 
 def _compare(key: str, stored: torch.Tensor, expected: torch.Tensor | None) -> ModuleCheck:

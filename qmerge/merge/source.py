@@ -55,6 +55,9 @@ def as_trained(base_dir: Path, config: AutoConfig, nf4: NF4Settings, into: str =
             raise QmergeError(f"{base_dir} is a pre-quantized 4-bit checkpoint: it has no original 16-bit weights to merge into; use --merge-into nf4 or pass the 16-bit base")
         return Prequantized(base, config)
     quantized = {f"{n}.weight" for n in quantized_linear_names(config, nf4, trust_remote_code)} if into == "nf4" else set()
+    unstored = sorted(quantized - set(base.keys()))
+    if unstored:  # transformers renames this checkpoint's tensors at load: which stored tensor it quantized is unknown
+        raise QmergeError(f"bitsandbytes quantizes {unstored[0].removesuffix('.weight')}, but the checkpoint stores no {unstored[0]} (transformers converts its tensor names at load); this layout is not supported")
     return RoundTrip(base, quantized, nf4)
 
 

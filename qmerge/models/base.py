@@ -9,12 +9,13 @@ import types
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from qmerge.io.dtypes import dtype_name, torch_dtype
 from qmerge.io.memory import release
 from qmerge.merge.nf4 import as_computed, bnb_config
 from qmerge.merge.source import is_prequantized
+from qmerge.models.loading import from_pretrained
 from qmerge.settings import NF4Settings
 
 
@@ -30,7 +31,7 @@ def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device, kin
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     # quantization_config only when bitsandbytes is to quantize (None would drop a checkpoint's own)
     quantize = {"quantization_config": bnb_config(nf4, compute_dtype="float32")} if kind == "qlora" and not is_prequantized(config) else {}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code, **quantize)
+    model = from_pretrained(base_dir, "the base", dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code, **quantize)
     trained = torch_dtype(nf4.compute_dtype) if nf4 is not None else torch.float32
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):

@@ -7,31 +7,28 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
+from qmerge.errors import QmergeError
 from qmerge.io.dtypes import torch_dtype
 from qmerge.merge.adapter import Mix
 from qmerge.merge.edits import apply_to_model
 from qmerge.models.base import load_base
 from qmerge.models.float32 import float32_compute
-
-
-def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
-    """The dtype a candidate computes in: float32, except a quantized checkpoint on CUDA: GPTQModel
-    picks Marlin there, which computes in float16 only (as servers run it)."""
-    return torch.float16 if _quantized(path) and device.type == "cuda" else torch.float32
+from qmerge.models.loading import from_pretrained
 
 
 def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = False):
-    """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config); a
-    float checkpoint in its stored dtype, computing in float32 (see float32_compute)."""
-    load = dict(device_map={"": device}, trust_remote_code=trust_remote_code)
-    if _quantized(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), **load).eval()
-    return float32_compute(AutoModelForCausalLM.from_pretrained(path, dtype="auto", **load)).eval()
+    """A float checkpoint (DIR/merged) through plain transformers, in its stored dtype, computing in
+    float32 (see float32_compute); a load that misses or ignores a tensor is refused. (A GPTQ
+    checkpoint is read by qmerge.quant.gptq_float.)"""
+    if is_quantized(path):
+        raise QmergeError(f"{path} is a quantized checkpoint; load it with qmerge.quant.gptq_float.load_float32")
+    model = from_pretrained(path, "the checkpoint", dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code)
+    return float32_compute(model).eval()
 
 
-def _quantized(path: Path) -> bool:
+def is_quantized(path: Path) -> bool:
+    """A checkpoint whose config carries a quantization_config (GPTQ, bitsandbytes, ...)."""
     return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
 
 

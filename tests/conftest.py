@@ -148,6 +148,16 @@ def one_line_error(result: CliResult, status: int = 2, *words: str) -> str:
     return lines[0]
 
 
+def strict_report(path: Path) -> dict:
+    """A report.json read with a strict JSON parser: NaN and Infinity are not JSON and fail the test."""
+    import json
+
+    def refuse(constant: str):
+        pytest.fail(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
 def examples(quick: int, full: int) -> list:
     """hypothesis example counts: a quick pass in the fast tier, the full count in the slow tier."""
     return [pytest.param(quick, id=f"{quick}-examples"), pytest.param(full, id=f"{full}-examples", marks=pytest.mark.slow)]

@@ -193,8 +193,8 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
         if settings.floor_dtype != "float32":
             rows[candidates.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
         evaluations = [eval_section(e, r, settings.data.seq_len) for e, r in zip(p.evaluations, results)]
-        (tmp / "candidates.json").write_text(json.dumps(rows, indent=2))
-        (tmp / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
+        (tmp / "candidates.json").write_text(files.dumps(rows, indent=2))
+        (tmp / "evaluations.json").write_text(files.dumps(evaluations, indent=2))
         return {}
 
     evals = [(e.name, text.stream_sha256(e.windows)) for e in p.evaluations]

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from browser import SVG, assert_charts_draw, needs_chromium, screenshot, svgs
+from conftest import strict_report
 from qmerge.models.device import device_info
 from qmerge.report import charts, files, html, markdown
 from qmerge.report.schema import library_versions
@@ -280,6 +281,35 @@ def test_compare_markdown_and_html(compared):
     page = (d / "compare.html").read_text()
     root = ET.fromstring(page)
     assert [s.get("class") for s in root.iter(SVG + "svg")] == ["chart dots"] and len(list(root.iter("tr"))) == 1 + len(result["evaluations"][0]["rows"])
+
+
+def test_compare_matches_rows_by_kind_and_names_the_settings(tiny_run, tmp_path, cli):
+    """A g32 report against a g64 one (the same run, its GPTQ rows renamed and its settings changed as
+    a g64 run's are): the GPTQ and RTN rows side by side with their difference and the group size
+    named; the other rows say their settings are the same."""
+    a = strict_report(tiny_run.out / "report.json")
+    b = json.loads(json.dumps(a))
+    b["settings"]["gptq"]["group_size"] = 64
+    renames = {"gptq 4-bit g32": "gptq 4-bit g64", "rtn 4-bit g32": "rtn 4-bit g64"}
+    b["candidates"] = {renames.get(k, k): v for k, v in b["candidates"].items()}
+    for ev in b["evaluations"]:
+        ev["metrics"] = {renames.get(k, k): v for k, v in ev["metrics"].items()}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    r = cli("compare", tmp_path / "a.json", tmp_path / "b.json", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {(row["kind"], row["report"]): row for row in strict_json_line(r.stdout)["evaluations"][0]["rows"]}
+    for kind, name in (("gptq", "gptq 4-bit g64"), ("rtn", "rtn 4-bit g64")):
+        row = rows[(kind, "B")]
+        assert row["candidate"] == name and row["settings_differ"] == ["group_size 32 → 64"]
+        assert row["vs"]["test"] == "paired" and row["vs"]["kld_mean"]["diff"] == 0  # the same numbers under the new name
+    assert rows[("merged", "B")]["settings_differ"] == [] and "vs" in rows[("merged", "B")]
+    md = cli("compare", tmp_path / "a.json", tmp_path / "b.json").stdout
+    assert any(line.startswith("| gptq 4-bit g64 | B |") and "group_size 32 → 64" in line for line in md.splitlines())
+
+
+def strict_json_line(text: str) -> dict:
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
 
 
 def test_compare_bad_input_exits_2(compared, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qmerge.errors import VerifyError
+from qmerge.eval.finite import check_finite
 from qmerge.eval.metrics import compare
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.memory import release
@@ -157,8 +158,11 @@ def _logits_kld(reference: torch.nn.Module, merged_dir: Path, windows: torch.Ten
     device = next(reference.parameters()).device
     model = load_candidate(merged_dir, device, trust_remote_code)
     klds = []
-    for window in windows:
+    for i, window in enumerate(windows):
         ids = window[None].to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
-        klds.append(compare(reference(input_ids=inputs).logits, model(input_ids=inputs).logits, targets).kld)
+        ref, got = reference(input_ids=inputs).logits, model(input_ids=inputs).logits
+        check_finite(ref, "the reference (QLoRA as trained)", i)
+        check_finite(got, f"the merged checkpoint {merged_dir}", i)
+        klds.append(compare(ref, got, targets).kld)
     return torch.cat(klds).mean().item()

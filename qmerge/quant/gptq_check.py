@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qmerge.errors import VerifyError
+from qmerge.errors import QmergeError, VerifyError
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.models.engine import gptqmodel
 from qmerge.models.loading import from_pretrained
@@ -31,8 +31,10 @@ def check_layers(out_dir: Path, merged_dir: Path, layers: GPTQLayers, bits: int)
         raise VerifyError(f"GPTQModel {said} {odd}, against its own model definition; the GPTQ checkpoint is not handed over (report a bug with the architecture)")
     ckpt, merged = LazyCheckpoint.open(out_dir), LazyCheckpoint.open(merged_dir)
     for name in sorted(expected):
-        reference = merged.get(f"{name}.weight").float()
-        rel = (torch.linalg.norm(dequantize(layer_tensors(ckpt, name), bits) - reference) / torch.linalg.norm(reference)).item()
+        weight, reference = dequantize(layer_tensors(ckpt, name), bits), merged.get(f"{name}.weight").double()
+        if not torch.isfinite(weight).all():
+            raise QmergeError(f"the GPTQ checkpoint's {name} holds non-finite weights: the merged layer's values exceed what float16 scales hold (65504 per level); it is not handed over")
+        rel = (torch.linalg.norm(weight.double() - reference) / torch.linalg.norm(reference)).item()
         if not rel < MAX_REL_ERROR:
             raise VerifyError(f"the GPTQ checkpoint's {name} is not the merged layer quantized (relative error {rel:.3g}); it is not handed over (report a bug with the architecture)")
 

@@ -43,7 +43,7 @@ def gptq_runs_in_users_loader(gptq, moe: bool) -> None:
         assert torch.isfinite(model(tokens).logits).all()
 
 
-def check_family(name, tmp_path, cli, *extra) -> dict:
+def check_family(name, tmp_path, cli, *extra) -> tuple[dict, str]:
     base, adapter = make_family(name, tmp_path)
     out = tmp_path / "out"
     result = cli("run", "--base", base, "--adapter", adapter, "--out", out, *SMALL, *extra)
@@ -53,18 +53,20 @@ def check_family(name, tmp_path, cli, *extra) -> dict:
     assert rep["inputs"]["windows_start_with_bos"] is FAMILIES[name][1]
     kld = merged_kld(base, adapter, out / "merged")
     assert kld <= 1e-3, kld  # bf16 storage
-    return rep
+    return rep, result.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_end_to_end(name, tmp_path, cli):
-    rep = check_family(name, tmp_path, cli)
+    rep, printed = check_family(name, tmp_path, cli)
+    assert "group size auto → 64" in printed
     moe = name == "qwen2_moe"
     metrics = rep["evaluations"][0]["metrics"]
     gptq, rtn = (metrics[n]["kld_mean"] for n in ("gptq 4-bit g64", "rtn 4-bit g64"))
     assert 0 < gptq < rtn, (gptq, rtn)
     assert rep["settings"]["gptq"]["group_size"] == 64 and rep["settings"]["gptq"]["group_size_auto"]  # 64 divides 64 and 128, 128 does not
+    assert "group-size: 64" in (tmp_path / "out" / "recipe.resolved.yaml").read_text()
     assert rep["servers"]["transformers"]["loads"] is not moe
     gptq_runs_in_users_loader(tmp_path / "out" / "gptq", moe)
     assert all(c["compute_dtype"] == "float32" for n, c in rep["candidates"].items() if c["kind"] != "noise-floor")
@@ -74,7 +76,7 @@ def test_moe_merge_without_gptq(tmp_path, cli):
     """Qwen2-MoE: verify's tensor check lines up with the checkpoint's per-expert tensors (transformers
     5 fuses them at load), and the bits per weight are over the layers GPTQ would quantize (the
     experts included, the router and shared-expert gate not)."""
-    rep = check_family("qwen2_moe", tmp_path, cli, "--skip-gptq", "--candidates", "merged", "--eval-samples", "2", "--calibration-samples", "2")
+    rep, _ = check_family("qwen2_moe", tmp_path, cli, "--skip-gptq", "--candidates", "merged", "--eval-samples", "2", "--calibration-samples", "2")
     worst = rep["merge"]["verify"]["worst"]
     assert worst[0]["of_tolerance"] <= 1 and rep["merge"]["verify"]["modules"] > 40
     assert rep["candidates"]["merged (NF4 base + adapter)"]["bits_per_weight"] == pytest.approx(16, abs=0.1)

@@ -221,7 +221,7 @@ def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runne
         reference={"name": candidates.REFERENCES[settings.reference_kind], "kind": settings.reference_kind},
         versions=library_versions(), device=device_info(p.device), merge=runner.infos["merged"], stages=runner.records,
         candidates=json.loads((out / "drift" / "candidates.json").read_text()),
-        evaluations=json.loads((out / "drift" / "evaluations.json").read_text()),
+        evaluations=files.undefined_as_nan(json.loads((out / "drift" / "evaluations.json").read_text())),
         final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
         servers=servers(settings.gptq, p.in_features, p.plan.loader) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
         recipe=recipe.resolved(settings),

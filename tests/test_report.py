@@ -155,6 +155,21 @@ def test_html_self_contained_well_formed_and_escaped(full_report, tmp_path):
     assert first in text
 
 
+def test_undefined_numbers_are_null_in_json_and_nan_on_the_page(full_report, tmp_path):
+    """A standard error of one window is undefined: null in report.json (strict JSON), "nan" in the
+    markdown, whether rendered at once or from evaluations read back (as the pipeline reads the drift
+    stage's file)."""
+    rep = json.loads(json.dumps(full_report))
+    first = next(iter(rep["evaluations"][0]["metrics"].values()))
+    first["kld_mean_se"] = first["ppl_se"] = float("nan")
+    rep["evaluations"][0]["layers"][next(iter(rep["evaluations"][0]["layers"]))][0]["rel_error"] = float("inf")
+    files.write(rep, tmp_path)
+    saved = strict_report(tmp_path / "report.json")
+    assert next(iter(saved["evaluations"][0]["metrics"].values()))["kld_mean_se"] is None
+    back = files.undefined_as_nan(json.loads(files.dumps(rep["evaluations"])))
+    assert "nan" in markdown.markdown({**rep, "evaluations": back}) and "nan" in (tmp_path / "report.md").read_text()
+
+
 def test_chart_geometry_follows_the_numbers(full_report):
     """Pareto points sit where their size and KLD put them; the frontier is the non-dominated set."""
     page = html.render(full_report)

@@ -23,6 +23,19 @@ def finite(value):
     return value
 
 
+def undefined_as_nan(evaluations: list[dict]) -> list[dict]:
+    """Evaluations read back from JSON with their undefined numbers (null: a standard error of one
+    window, the relative error of a zero hidden state) as NaN again, the float the renderers print."""
+    nan = float("nan")
+    for ev in evaluations:
+        for metrics in ev["metrics"].values():
+            metrics.update({k: nan for k, v in metrics.items() if v is None})
+        for rows in ev.get("layers", {}).values():
+            for row in rows:
+                row.update({k: nan for k, v in row.items() if v is None})
+    return evaluations
+
+
 def dumps(value, **kwargs) -> str:
     """Strict JSON of `value` (non-finite numbers as null; allow_nan=False catches any left)."""
     return json.dumps(finite(value), allow_nan=False, **kwargs)

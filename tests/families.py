@@ -30,10 +30,14 @@ FAMILIES = {
 }
 
 
+# an architecture transformers has and GPTQModel 7.7 has no definition for: GPTQ refused up front
+UNKNOWN_TO_GPTQMODEL = {"helium": (lambda: T.HeliumConfig(**COMMON, head_dim=16), True, "no GPTQModel definition")}
+
+
 def make_family(name: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
     """(base, adapter) of one family under `root` (bf16 weights; <|endoftext|> in the vocabulary, which
     Qwen2's tokenizer class adds when it is missing)."""
-    config_of, add_bos, _ = FAMILIES[name]
+    config_of, add_bos, _ = {**FAMILIES, **UNKNOWN_TO_GPTQMODEL}[name]
     base, adapter = root / name / "base", root / name / "adapter"
     torch.manual_seed(seed)
     config = config_of()

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import mean_kld, reference_model, strict_report
-from families import FAMILIES, make_family
+from conftest import one_line_error
+from families import FAMILIES, UNKNOWN_TO_GPTQMODEL, make_family
 from qmerge.io import text
 
 SMALL = ("--seq-len", "64", "--calibration-samples", "16", "--eval-samples", "6", "--device", "cpu")
@@ -50,7 +51,7 @@ def check_family(name, tmp_path, cli, *extra) -> tuple[dict, str]:
     assert result.returncode == 0, result.stderr[-3000:]
     rep = strict_report(out / "report.json")
     assert rep["merge"]["verify"]["ok"]
-    assert rep["inputs"]["windows_start_with_bos"] is FAMILIES[name][1]
+    assert rep["inputs"]["windows_start_with_bos"] is {**FAMILIES, **UNKNOWN_TO_GPTQMODEL}[name][1]
     kld = merged_kld(base, adapter, out / "merged")
     assert kld <= 1e-3, kld  # bf16 storage
     return rep, result.stdout
@@ -80,3 +81,19 @@ def test_moe_merge_without_gptq(tmp_path, cli):
     worst = rep["merge"]["verify"]["worst"]
     assert worst[0]["of_tolerance"] <= 1 and rep["merge"]["verify"]["modules"] > 40
     assert rep["candidates"]["merged (NF4 base + adapter)"]["bits_per_weight"] == pytest.approx(16, abs=0.1)
+
+
+def test_architecture_gptqmodel_does_not_know_is_refused_before_any_work(tmp_path, cli):
+    """GPTQ of an architecture without a GPTQModel definition: exit 2, one line naming it and the way
+    out, before any stage."""
+    base, adapter = make_family("helium", tmp_path)
+    out = tmp_path / "out"
+    one_line_error(cli("run", "--base", base, "--adapter", adapter, "--out", out, *SMALL), 2, "'helium'", "no model definition", "--skip-gptq")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_architecture_gptqmodel_does_not_know_merges_with_skip_gptq(tmp_path, cli):
+    """--skip-gptq: merged and measured, bits per weight over the layers bitsandbytes quantized."""
+    rep, _ = check_family("helium", tmp_path, cli, "--skip-gptq", "--candidates", "merged")
+    assert rep["candidates"]["merged (NF4 base + adapter)"]["bits_per_weight"] == pytest.approx(16)

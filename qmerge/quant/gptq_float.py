@@ -42,6 +42,9 @@ def load_float32(path: Path, device: torch.device, trust_remote_code: bool = Fal
     )
     names = quantized_layers(path)
     ckpt = LazyCheckpoint.open(path)
+    lacking = sorted({f"{n}.{s}" for n in names for s in SUFFIXES} - set(ckpt.keys()))
+    if lacking:
+        raise QmergeError(f"the GPTQ checkpoint ({path}) lacks tensor {lacking[0]} of a quantized layer; re-run the GPTQ stage")
     for name, linear in linear_layers(model, names).items():
         linear.weight = torch.nn.Parameter(dequantize(layer_tensors(ckpt, name), qc["bits"]).to(device), requires_grad=False)
     _check_covered(model, info, set(names), path)

@@ -29,7 +29,9 @@ from qmerge.eval.candidates import load_checkpoint
 from qmerge.models.device import pick_device
 from qmerge.models.reference import load_reference
 from qmerge.prepare import check_out
+from qmerge.quant import structure
 from qmerge.quant.gptq import quantize
+from qmerge.quant.servers import resolve_group_size
 from qmerge.settings import GPTQSettings, NF4Settings, reference_kind
 
 
@@ -131,12 +133,14 @@ class QuantizeResult:
 
 def gptq_quantize(merged: str | Path, out: str | Path, *, calibration: str = "stdlib", calibration_samples: int = 128, seq_len: int = 512,
              gptq: GPTQSettings | None = None, device: str = "auto", overwrite: bool = False, verbose: bool = False) -> QuantizeResult:
-    """GPTQ of a merged checkpoint with GPTQModel into `out` (portable profile by default)."""
+    """GPTQ of a merged checkpoint with GPTQModel into `out` (portable profile by default; group size
+    auto resolved on the checkpoint's layers, an explicit one checked against them)."""
     from transformers import AutoTokenizer
 
     gptq = gptq or GPTQSettings()
     gptq.validate()
     merged = Path(merged)
+    gptq, _ = resolve_group_size(structure.of_checkpoint(merged).shapes, gptq)
     tokenizer = AutoTokenizer.from_pretrained(merged)
     windows = text.windows(calibration, "calibration", tokenizer, seq_len, calibration_samples)
     out = Path(out).resolve()

@@ -4,6 +4,7 @@ hand-over, and a checkpoint missing a tensor refused by name."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -13,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from conftest import gptq_oracle
 from qmerge.errors import QmergeError, VerifyError
 from qmerge.quant import structure
-from qmerge.quant.gptq import quantize
 from qmerge.quant.gptq_check import check_layers
 from qmerge.quant.gptq_float import load_float32
 from qmerge.settings import GPTQSettings
@@ -37,10 +37,13 @@ def test_weights_are_gptqmodels_dequantization(tiny_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_weights_are_gptqmodels_dequantization_at_every_bit_width(tiny_run, tmp_path, bits):
-    """3-bit codes straddle int32 words; 2 and 8 pack 16 and 4 per word."""
+    """3-bit codes straddle int32 words; 2 and 8 pack 16 and 4 per word. Made through the Python API
+    with the group size left to auto (64 on the tiny model)."""
+    import qmerge
+
     (tmp_path / "merged").symlink_to(tiny_run.out / "merged")
-    windows = torch.randint(3, 500, (8, 64), generator=torch.Generator().manual_seed(0))
-    quantize(tmp_path / "merged", tmp_path / "gptq", windows, GPTQSettings(bits=bits, group_size=32), CPU)
+    made = qmerge.gptq_quantize(tmp_path / "merged", tmp_path / "gptq", gptq=GPTQSettings(bits=bits), calibration_samples=8, seq_len=64, device="cpu")
+    assert json.loads((made.path / "quantize_config.json").read_text())["group_size"] == 64
     assert same_weights(tmp_path / "gptq") == 14
 
 

@@ -29,9 +29,7 @@ from qmerge.eval.candidates import load_checkpoint
 from qmerge.models.device import pick_device
 from qmerge.models.reference import load_reference
 from qmerge.prepare import check_out
-from qmerge.quant import structure
 from qmerge.quant.gptq import quantize
-from qmerge.quant.servers import resolve_group_size
 from qmerge.settings import GPTQSettings, NF4Settings, reference_kind
 
 
@@ -140,7 +138,6 @@ def gptq_quantize(merged: str | Path, out: str | Path, *, calibration: str = "st
     gptq = gptq or GPTQSettings()
     gptq.validate()
     merged = Path(merged)
-    gptq, _ = resolve_group_size(structure.of_checkpoint(merged).shapes, gptq)
     tokenizer = AutoTokenizer.from_pretrained(merged)
     windows = text.windows(calibration, "calibration", tokenizer, seq_len, calibration_samples)
     out = Path(out).resolve()

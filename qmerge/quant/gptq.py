@@ -21,6 +21,7 @@ from qmerge.models.engine import gptqmodel
 from qmerge.quant import structure
 from qmerge.quant.gptq_check import check_layers, check_loads
 from qmerge.quant.layout import fuse
+from qmerge.quant.servers import resolve_group_size
 from qmerge.settings import GPTQSettings
 
 LOG_NAME = "quantize.log"
@@ -35,6 +36,7 @@ def quantize(
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = structure.of_checkpoint(merged_dir, trust_remote_code)
+    gptq, _ = resolve_group_size(layers.shapes, gptq)  # group size auto: decided on the layers GPTQ quantizes
     loader = gptq_loader(AutoConfig.from_pretrained(merged_dir, trust_remote_code=trust_remote_code), layers, trust_remote_code)
     with _quiet(out_dir / LOG_NAME, verbose) as progress_stream, _scratch_cwd() as scratch:
         engine = gptqmodel()

@@ -61,20 +61,10 @@ def test_sigkill_then_resume_is_byte_identical(mid, tmp_path, stage):
     assert not list(out.glob(".*"))  # the killed run's partial stage is gone
 
 
-def test_resume_redoes_a_stage_whose_files_changed(tiny_base, tiny_adapter, tmp_path, cli):
-    args = ["run", "--base", tiny_base, "--adapter", tiny_adapter, "--out", tmp_path / "out", *ARGS, "--skip-gptq"]
-    assert cli(*args).returncode == 0
-    merged = tmp_path / "out" / "merged" / "model.safetensors"
-    intact = merged.read_bytes()
-    merged.write_bytes(b"damaged")
-    resumed = cli(*args, "--resume")
-    assert resumed.returncode == 0 and "merged: reused" not in resumed.stdout
-    assert merged.read_bytes() == intact
-
-
-def test_resume_redoes_the_stages_a_library_version_keys(tiny_base, tiny_adapter, tmp_path, cli, monkeypatch):
-    """After an upgrade (here: another transformers version string) a resumed run reuses nothing the
-    new stack would make differently; unchanged, it reuses every stage."""
+def test_resume_reuses_verified_stages_and_redoes_changed_ones(tiny_base, tiny_adapter, tmp_path, cli, monkeypatch):
+    """Unchanged, a resumed run reuses every stage; a stage whose files changed is redone; after an
+    upgrade (here: another transformers version string) nothing the new stack would make differently
+    is reused."""
     from qmerge import pipeline
     from qmerge.report.schema import library_versions
 
@@ -83,6 +73,12 @@ def test_resume_redoes_the_stages_a_library_version_keys(tiny_base, tiny_adapter
     assert cli(*args).returncode == 0
     again = cli(*args, "--resume")
     assert again.returncode == 0 and "merged: reused" in again.stdout and "drift: reused" in again.stdout
+    merged = tmp_path / "out" / "merged" / "model.safetensors"
+    intact = merged.read_bytes()
+    merged.write_bytes(b"damaged")
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0 and "merged: reused" not in resumed.stdout
+    assert merged.read_bytes() == intact
     monkeypatch.setattr(pipeline, "library_versions", lambda: {**library_versions(), "transformers": "5.99.0"})
     upgraded = cli(*args, "--resume")
     assert upgraded.returncode == 0 and "reused" not in upgraded.stdout, upgraded.stdout

@@ -115,8 +115,9 @@ class QuantizeResult:
 
 def gptq_quantize(merged: str | Path, out: str | Path, *, overwrite: bool = False, resume: bool = False, verbose: bool = False, progress: bool = False,
                   **settings) -> QuantizeResult:
-    """GPTQ of a merged checkpoint with GPTQModel into `out` (the portable profile by default); the
-    base and adapter are not needed. This is `qmerge run`'s GPTQ stage, with its manifest in
+    """GPTQ of a merged checkpoint with GPTQModel into `out` (the portable profile by default; group
+    size auto resolved on the checkpoint's layers, an explicit one checked against them); the base and
+    adapter are not needed. This is `qmerge run`'s GPTQ stage, with its manifest in
     OUT/../manifests/NAME.json. Settings: qmerge.stages.QUANTIZE_KEYS (bits, group_size, calibration,
     calibration_samples, seq_len, device, ...)."""
     with showing(progress):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -125,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     with _stdout_to_stderr(args.json):
         status, summary = _status_of(args)
     if args.json:
-        print(json.dumps({"exit_status": status, **summary}), flush=True)
+        from qmerge.report.files import dumps
+
+        print(dumps({"exit_status": status, **summary}), flush=True)
     return status
 
 

@@ -25,11 +25,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _gptq(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, help="GPTQ bits: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, help="GPTQ group size, -1 for per channel (default 128)")
+    p.add_argument("--group-size", type=_group_size, help="GPTQ group size: auto (default: the largest of 128, 64, 32 dividing every quantized layer), -1 per channel, or 16..")
     p.add_argument("--act-order", action=B, help="GPTQ desc_act; off in the portable profile")
     p.add_argument("--sym", action=B, help="symmetric GPTQ (default; vLLM's Marlin path needs it)")
     p.add_argument("--damp", type=float, help="GPTQ dampening fraction (default 0.01)")
     p.add_argument("--target", help="server the checkpoint must load in: any (default), transformers, vllm, sglang; refused up front if it cannot")
+
+
+def _group_size(value: str) -> int | str:
+    """--group-size: "auto" or an integer (validated with the other settings)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor an integer") from None
 
 
 def _calibration(p: argparse.ArgumentParser) -> None:

@@ -105,6 +105,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     torch.manual_seed(settings.seed)
     p = prepare(settings)
     settings = effective(settings, p)
+    if echo and p.plan is not None and p.plan.note:
+        print(f"[qmerge] {p.plan.note}", flush=True)
     out = Path(settings.out).resolve()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -140,12 +142,14 @@ def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose
 
 
 def common_parts(settings: RunSettings, device: torch.device) -> dict:
-    """What every stage's key holds: qmerge's version, the device type and the 4-bit settings."""
-    return {"qmerge": VERSION, "device": device.type, "nf4": asdict(settings.nf4)}
+    """What every stage's key holds: qmerge's version, the library versions (an upgraded stack may
+    produce other outputs), the device type and the 4-bit settings."""
+    return {"qmerge": VERSION, "versions": library_versions(), "device": device.type, "nf4": asdict(settings.nf4)}
 
 
 def calibration_key(windows: torch.Tensor) -> str:
-    return key_of(windows=sorted(text.window_hashes(windows)))
+    """The calibration windows in order: GPTQ's result depends on it."""
+    return text.stream_sha256(windows)
 
 
 def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool, check_merge: bool = True) -> Stage:
@@ -180,7 +184,7 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
 
 def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool) -> Stage:
     """DIR/drift: every candidate scored against the reference on every eval set."""
-    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code, settings.checkpoints)
+    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code, settings.checkpoints, p.nf4_linears)
     names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
     batch = settings.data.batch_on(p.device.type)  # float32 GEMMs of another batch shape may round differently: part of the key
 
@@ -207,9 +211,9 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
         if settings.floor_dtype != "float32":
             rows[candidates.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
         evaluations = [eval_section(e, r, settings.data.seq_len) for e, r in zip(p.evaluations, results)]
-        (tmp / "candidates.json").write_text(json.dumps(rows, indent=2))
-        (tmp / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
-        (tmp / "samples.json").write_text(json.dumps(texts.section(candidates.REFERENCES[settings.reference_kind]), indent=2))
+        (tmp / "candidates.json").write_text(files.dumps(rows, indent=2))
+        (tmp / "evaluations.json").write_text(files.dumps(evaluations, indent=2))
+        (tmp / "samples.json").write_text(files.dumps(texts.section(candidates.REFERENCES[settings.reference_kind]), indent=2))
         return {}
 
     evals = [(e.name, text.stream_sha256(e.windows)) for e in p.evaluations]
@@ -229,14 +233,16 @@ def eval_section(e: EvalSet, result: dict, seq_len: int) -> dict:
 def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runner: StageRunner) -> dict:
     """The report, from the stage results on disk and what the run recorded."""
     gptq = not settings.skip_gptq
+    resolved = settings.to_dict()
+    resolved["gptq"]["group_size_auto"] = p.plan is not None and p.plan.note is not None
     return assemble(
-        inputs=inputs, settings=settings.to_dict(),
+        inputs=inputs, settings=resolved,
         reference={"name": candidates.REFERENCES[settings.reference_kind], "kind": settings.reference_kind},
         versions=library_versions(), device=device_info(p.device), merge=runner.infos["merged"], stages=runner.records,
         candidates=json.loads((out / "drift" / "candidates.json").read_text()),
-        evaluations=json.loads((out / "drift" / "evaluations.json").read_text()),
+        evaluations=files.undefined_as_nan(json.loads((out / "drift" / "evaluations.json").read_text())),
         final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
-        servers=servers(settings.gptq, p.in_features) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
+        servers=servers(settings.gptq, p.in_features, p.plan.loader) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
         recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"),
     )
 

@@ -22,8 +22,10 @@ from qmerge.merge.prequantized import Prequantized
 from qmerge.merge.source import as_trained, effective_settings
 from qmerge.models.checkpoints import check_loadable
 from qmerge.models.device import pick_device
-from qmerge.quant.servers import check_group_size, check_target
-from qmerge.settings import DataSettings, NF4Settings, RunSettings
+from qmerge.quant import structure
+from qmerge.quant.gptq import gptq_loader
+from qmerge.quant.servers import check_target, resolve_group_size
+from qmerge.settings import DataSettings, GPTQSettings, NF4Settings, RunSettings
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,46 @@ class Prepared:
     device: torch.device
     calibration: torch.Tensor
     evaluations: tuple[EvalSet, ...]
-    linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer that gets quantized
+    linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer GPTQ quantizes, as the checkpoint names it
     nf4: NF4Settings  # the run's 4-bit settings: the user's, or a pre-quantized base's own
     prequantized: bool  # the base is a bitsandbytes 4-bit checkpoint (no 16-bit weights)
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    bos: bool = False  # every window starts with the tokenizer's BOS token (qmerge.io.text.token_windows)
+    nf4_linears: frozenset[str] = frozenset()  # the linear layers bitsandbytes quantized (module names)
+    plan: GPTQPlan | None = None  # the GPTQ settings resolved for this model (group size auto)
 
     @property
     def in_features(self) -> set[int]:
         return {shape[1] for shape in self.linears.values()}
+
+
+@dataclass(frozen=True)
+class GPTQPlan:
+    """GPTQ for this model, decided before any work: the group size (auto resolved), the loader a
+    user would load the checkpoint with, and the line saying what auto chose."""
+
+    gptq: GPTQSettings
+    loader: str = "transformers"  # or "gptqmodel" (fused MoE experts: transformers has no place for them)
+    note: str | None = None
+
+
+def gptq_plan(settings: RunSettings, config, source, nf4_names: set[str]) -> tuple[dict[str, tuple[int, int]], GPTQPlan]:
+    """The layers GPTQ quantizes (GPTQModel's definition; with --skip-gptq on an architecture it does
+    not know, those bitsandbytes quantized, for bits per weight) and the resolved GPTQ plan."""
+    shapes = {k: tuple(source.shape(k)) for k in source.keys()}
+    try:
+        layers = structure.gptq_layers(config, shapes)
+    except QmergeError:
+        if not settings.skip_gptq:
+            raise
+        return {n: shapes[f"{n}.weight"] for n in nf4_names}, GPTQPlan(settings.gptq)
+    if settings.skip_gptq:
+        return layers.shapes, GPTQPlan(settings.gptq)
+    gptq, note = resolve_group_size(layers.shapes, settings.gptq)
+    loader = gptq_loader(config, layers, settings.trust_remote_code)
+    check_target(gptq, {shape[1] for shape in layers.shapes.values()}, loader)
+    return layers.shapes, GPTQPlan(gptq, loader, note)
 
 
 def check_out(out: Path, overwrite: bool, resume: bool = False) -> None:
@@ -77,21 +110,23 @@ def prepare(settings: RunSettings, data: bool = True) -> Prepared:
     source = as_trained(base_dir, config, settings.nf4, settings.merge_into, settings.allow_pickle, remote)
     nf4 = effective_settings(config, source, settings.nf4, settings.nf4_given)
     mix = build_edits(mix, config, source, remote).mix
-    shapes = {n: tuple(source.shape(f"{n}.weight")) for n in quantized_linear_names(config, nf4, remote)}
-    if not settings.skip_gptq:
-        check_group_size(shapes, settings.gptq)
-        check_target(settings.gptq, {shape[1] for shape in shapes.values()})
+    nf4_names = quantized_linear_names(config, nf4, remote)
+    shapes, plan = gptq_plan(settings, config, source, nf4_names)
     for part in mix:
         check_vocabulary(part.adapter.directory, config, remote)
         warn_if_other_base(part.adapter, settings.base, base_dir)
     for kind, spec in zip(settings.checkpoint_kinds, settings.checkpoints):  # made elsewhere: fetched and checked now
         name = kind.removeprefix("checkpoint:")
         check_loadable(resolve(spec.partition("=")[2].strip(), f"checkpoint {name}", trust_remote_code=remote), name)
-    calibration, evaluations = torch.empty(0, dtype=torch.long), ()
+    calibration, evaluations, bos = torch.empty(0, dtype=torch.long), (), False
     if data:
-        calibration, evaluations = token_windows(settings.data, AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote))
-    prequantized = isinstance(source, Prequantized)
-    return Prepared(base_dir, mix, device, calibration, evaluations, shapes, nf4, prequantized, remote, settings.allow_pickle)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=remote)
+        calibration, evaluations = token_windows(settings.data, tokenizer)
+        bos = text.bos_of(tokenizer) is not None
+    return Prepared(
+        base_dir, mix, device, calibration, evaluations, shapes, nf4, isinstance(source, Prequantized), remote, settings.allow_pickle,
+        bos, frozenset(nf4_names), plan,
+    )
 
 
 def token_windows(d: DataSettings, tokenizer) -> tuple[torch.Tensor, tuple[EvalSet, ...]]:
@@ -115,7 +150,8 @@ def effective(settings: RunSettings, p: Prepared) -> RunSettings:
         drop |= {"original", "gptq-original"}
     if settings.merge_into == "original":
         drop.add("peft-nf4")
-    return replace(settings, nf4=p.nf4, candidates=tuple(k for k in settings.candidates if k not in drop))
+    gptq = p.plan.gptq if p.plan is not None else settings.gptq
+    return replace(settings, nf4=p.nf4, gptq=gptq, candidates=tuple(k for k in settings.candidates if k not in drop))
 
 
 def check_vocabulary(adapter_dir: Path, config, trust_remote_code: bool) -> None:
@@ -145,7 +181,7 @@ def inputs_record(settings: RunSettings, p: Prepared) -> dict:
     }
     return {
         "base": base, "adapter": adapter_record(settings.adapter, p.mix),
-        "calibration_windows": len(p.calibration), "eval_windows": len(p.evaluations[0].windows) if p.evaluations else 0,
+        "calibration_windows": len(p.calibration), "eval_windows": len(p.evaluations[0].windows) if p.evaluations else 0, "windows_start_with_bos": p.bos,
     }
 
 

@@ -1,8 +1,9 @@
 """Every setting of a run as one typed object, validated before any heavy work starts.
 
 Defaults are the QLoRA recipe for the NF4 base (nf4, double quantization, blocksize 64, bf16 compute)
-and the portable GPTQ profile (format gptq v1, 4-bit, group 128, sym, no act-order) that transformers,
-vLLM, SGLang and TGI all load.
+and the portable GPTQ profile (format gptq v1, 4-bit, group 128 where it divides every quantized
+layer (else 64 or 32: group size auto), sym, no act-order) that transformers, vLLM, SGLang and TGI
+all load.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class GPTQSettings:
     """GPTQModel's QuantizeConfig, restricted to what servers load."""
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int | str = "auto"  # auto: the largest of 128, 64, 32 dividing every quantized layer's in_features (qmerge.quant.servers)
     desc_act: bool = False
     sym: bool = True
     damp: float = 0.01
@@ -71,8 +72,10 @@ class GPTQSettings:
     def validate(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise QmergeError(f"--bits {self.bits} is not supported; use 2, 3, 4 or 8")
-        if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
-            raise QmergeError(f"--group-size {self.group_size} is not supported; use -1 (per channel) or a power of two >= 16 such as 32, 64 or 128")
+        if self.group_size == "auto":
+            pass
+        elif not isinstance(self.group_size, int) or self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise QmergeError(f"--group-size {self.group_size} is not supported; use auto (the default), -1 (per channel) or a power of two >= 16 such as 32, 64 or 128")
         if self.target not in ("any", "transformers", "vllm", "sglang"):
             raise QmergeError(f"--target {self.target!r} is unknown; use any, transformers, vllm or sglang")
         if not 0.0 < self.damp < 1.0:

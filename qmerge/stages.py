@@ -23,15 +23,14 @@ import torch
 from qmerge import recipe
 from qmerge.errors import QmergeError
 from qmerge.io import text
+from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.inputs import load_base_config
 from qmerge.io.manifests import MANIFESTS, key_of, files_sha256
-from qmerge.merge.nf4 import quantized_linear_names
 from qmerge.merge.source import as_trained, effective_settings
 from qmerge.models.device import pick_device
 from qmerge.pipeline import StageRunner, calibration_key, common_parts, declare, gptq_stage, report_of, write_outputs
-from qmerge.prepare import Prepared, check_out, effective, inputs_record, prepare
+from qmerge.prepare import Prepared, check_out, effective, gptq_plan, inputs_record, prepare
 from qmerge.quant.gptq import read_quant_log
-from qmerge.quant.servers import check_group_size, check_target
 from qmerge.settings import GPTQSettings, NF4Settings, RunSettings
 
 _SECTION = {key: section for key, (section, _) in recipe.KEYS.items()}
@@ -90,9 +89,10 @@ def quantize(merged: Path, out: Path, values: dict, overwrite: bool, resume: boo
     if hasattr(config, "quantization_config"):
         raise QmergeError(f"{merged} is a bitsandbytes 4-bit checkpoint; quantize the merged 16-bit checkpoint (DIR/merged)")
     check_out(out, overwrite, resume)
-    shapes = _linear_shapes(merged, config, remote)
-    check_group_size(shapes, settings.gptq)
-    check_target(settings.gptq, {shape[1] for shape in shapes.values()})
+    shapes, plan = gptq_plan(settings, config, LazyCheckpoint.open(merged), set())  # the layers GPTQModel quantizes; group size auto resolved
+    settings = replace(settings, gptq=plan.gptq)
+    if echo and plan.note:
+        print(f"[qmerge] {plan.note}", flush=True)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=remote)
@@ -100,7 +100,7 @@ def quantize(merged: Path, out: Path, values: dict, overwrite: bool, resume: boo
     upstream, manifest = _stage_key(merged)
     settings = replace(settings, nf4=NF4Settings(**manifest["produced_by"]["nf4"]) if manifest else NF4Settings())
     device = pick_device(settings.device)
-    p = Prepared(merged, (), device, calibration, (), shapes, settings.nf4, False, remote)
+    p = Prepared(merged, (), device, calibration, (), shapes, settings.nf4, False, remote, plan=plan)
     stage = gptq_stage(out.name, merged.name, p, merged.parent, settings, calibration_key(calibration), common_parts(settings, device), verbose)
     runner = StageRunner(out.parent, device, resume, echo)
     runner.keys[merged.name] = upstream
@@ -160,14 +160,6 @@ def _grid(gptq_dir: Path, gptq: GPTQSettings, given: dict) -> GPTQSettings:
         if given.get(key) is not None and field in values and given[key] != values[field]:
             raise QmergeError(f"{gptq_dir} was quantized with {field}={values[field]}, not --{key.replace('_', '-')} {given[key]}; leave the flag out (it is read from the checkpoint)")
     return replace(gptq, **{k: v for k, v in values.items() if k in {f.name for f in fields(GPTQSettings)}})
-
-
-def _linear_shapes(checkpoint: Path, config, trust_remote_code: bool) -> dict[str, tuple[int, int]]:
-    """(out, in) of every linear layer GPTQ quantizes, read from the safetensors headers."""
-    from qmerge.io.checkpoint import LazyCheckpoint
-
-    weights = LazyCheckpoint.open(checkpoint)
-    return {n: tuple(weights.shape(f"{n}.weight")) for n in quantized_linear_names(config, NF4Settings(), trust_remote_code)}
 
 
 def _stage_key(directory: Path) -> tuple[str, dict | None]:

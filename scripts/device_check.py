@@ -49,23 +49,29 @@ def step(fn):
 
 @step
 def nf4_bit_exact(work: Path) -> None:
-    """Round trip on the GPU == what Linear4bit holds after a real GPU load; CPU and GPU agree."""
+    """Round trip on the GPU == what Linear4bit holds after a real GPU load, and (rounded to the compute
+    dtype) == what its matmul_4bit multiplies by on the GPU (the fused kernel included); CPU and GPU agree."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     from transformers import AutoModelForCausalLM
 
     from conftest import make_base
     from qmerge.io.checkpoint import LazyCheckpoint
-    from qmerge.merge.nf4 import bnb_config, round_trip
+    from qmerge.merge.nf4 import bnb_config, exact_round_trip, round_trip
 
     base = make_base(work / "nf4-base")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"), device_map={"": GPU})
     ckpt = LazyCheckpoint.open(base)
-    same = 0
+    same = computed = 0
     mods = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     for name, m in mods:
-        same += torch.equal(round_trip(ckpt.get(f"{name}.weight"), NF4Settings(), GPU), F.dequantize_4bit(m.weight.data, m.weight.quant_state))
+        same += torch.equal(exact_round_trip(ckpt.get(f"{name}.weight"), NF4Settings(), GPU), F.dequantize_4bit(m.weight.data, m.weight.quant_state))
+        eye = torch.eye(m.in_features, dtype=torch.bfloat16, device=GPU)
+        with torch.no_grad():
+            used = bnb.matmul_4bit(eye, m.weight.t(), quant_state=m.weight.quant_state).T
+        computed += torch.equal(round_trip(ckpt.get(f"{name}.weight"), NF4Settings(), GPU), used)
     record("nf4 gpu == Linear4bit on gpu (modules)", f"{same}/{len(mods)}")
+    record("nf4 round_trip == matmul_4bit's bf16 weight on gpu (modules)", f"{computed}/{len(mods)}")
     g = torch.Generator().manual_seed(0)
     for shape in ((4096, 4096), (11008, 4096), (4096, 11008)):
         w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
@@ -74,8 +80,8 @@ def nf4_bit_exact(work: Path) -> None:
             packed, state = F.quantize_4bit(w.float().to(dev), blocksize=64, compress_statistics=True, quant_type="nf4")
             codes[dev], absmax[dev] = packed.cpu(), F.dequantize_blockwise(state.absmax, state.state2).cpu() + state.offset.cpu()
         nibbles = torch.stack([codes["cpu"] >> 4, codes["cpu"] & 15]) != torch.stack([codes["cuda"] >> 4, codes["cuda"] & 15])
-        on_gpu = round_trip(w, NF4Settings(), GPU).cpu()
-        on_cpu = round_trip(w, NF4Settings(), torch.device("cpu"))
+        on_gpu = exact_round_trip(w, NF4Settings(), GPU).cpu()
+        on_cpu = exact_round_trip(w, NF4Settings(), torch.device("cpu"))
         record(
             f"nf4 cpu vs gpu {shape[0]}x{shape[1]}: codes differing, absmax max rel diff, values differing, max abs",
             [nibbles.float().mean().item(), ((absmax["cpu"] - absmax["cuda"]).abs() / absmax["cuda"]).max().item(),
@@ -216,18 +222,18 @@ def gptq_7b(work: Path, deadline: float) -> None:
     calibration = random_windows(8, seed=0)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    log = quantize(work / "7b-merged", work / "7b-gptq", calibration, GPTQSettings(), GPU)
+    log = quantize(work / "7b-merged", work / "7b-gptq", calibration, GPTQSettings(group_size=128), GPU)
     record("7b gptq s / modules / peak GPU MB", [round(time.perf_counter() - t, 1), len(log), round(torch.cuda.max_memory_allocated() / 2**20)])
 
 
 @step
 def drift_7b(work: Path, deadline: float) -> None:
     """The drift stage on the 7B-shaped model: the reference (bitsandbytes 4-bit + adapter, float32
-    compute), DIR/merged in float32 and the GPTQ model (Marlin, float16), 4 random-token windows of 512
+    compute), DIR/merged and the GPTQ checkpoint's weights, both in float32, 4 random-token windows of 512
     (timing and memory; the weights are random, so the KLDs only show that the path runs)."""
     from qmerge.eval.drift import evaluate
     from qmerge.merge.adapter import load_mix
-    from qmerge.models.checkpoints import load_candidate
+    from qmerge.eval.candidates import load_checkpoint
     from qmerge.models.reference import load_reference
 
     if past(deadline, "drift 7b"):
@@ -236,7 +242,7 @@ def drift_7b(work: Path, deadline: float) -> None:
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     reference = load_reference(work / "7b-base", load_mix((str(work / "7b-adapter"),)), NF4Settings(), GPU)
-    models = {name: functools.partial(load_candidate, work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
+    models = {name: functools.partial(load_checkpoint, work / f"7b-{name}", GPU) for name in ("merged", "gptq") if (work / f"7b-{name}").exists()}
     loaded = time.perf_counter() - t
     t = time.perf_counter()
     result = evaluate(reference, models, [windows], "bfloat16", show_progress=False)[0]

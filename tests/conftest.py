@@ -17,8 +17,10 @@ import torch
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
-def make_tokenizer(directory: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(directory: Path, vocab_size: int, add_bos: bool = False, specials: tuple[str, ...] = ()) -> None:
+    """A byte-level BPE trained on the stdlib corpus; `add_bos`: it puts <s> before every text, as
+    Llama's, Gemma's and Mistral's do; `specials`: more special tokens a family's tokenizer class expects."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from qmerge.io.corpus import stdlib_part
@@ -26,21 +28,23 @@ def make_tokenizer(directory: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *specials], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(stdlib_part("train")[:300], trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
     fast.save_pretrained(directory)
 
 
-def make_base(directory: Path, seed: int = 0, **overrides) -> Path:
+def make_base(directory: Path, seed: int = 0, add_bos: bool = False, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(**{**TINY, "tie_word_embeddings": False, **overrides})
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(directory)
-    make_tokenizer(directory, config.vocab_size)
+    make_tokenizer(directory, config.vocab_size, add_bos)
     return directory
 
 
@@ -144,13 +148,24 @@ def one_line_error(result: CliResult, status: int = 2, *words: str) -> str:
     return lines[0]
 
 
+def strict_report(path: Path) -> dict:
+    """A report.json read with a strict JSON parser: NaN and Infinity are not JSON and fail the test."""
+    import json
+
+    def refuse(constant: str):
+        pytest.fail(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
 def examples(quick: int, full: int) -> list:
     """hypothesis example counts: a quick pass in the fast tier, the full count in the slow tier."""
     return [pytest.param(quick, id=f"{quick}-examples"), pytest.param(full, id=f"{full}-examples", marks=pytest.mark.slow)]
 
 
-def reference_model(base: Path, adapter: Path):
-    """The oracle: PEFT's QLoRA model (NF4 base + adapter, unmerged), computing in float32."""
+def reference_model(base: Path, adapter: Path, nf4=None):
+    """The oracle: PEFT's QLoRA model (NF4 base + adapter, unmerged), computing in float32 with the
+    weights bitsandbytes' forward computes with in training (bnb_computed_weight), not qmerge's code."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -159,11 +174,64 @@ def reference_model(base: Path, adapter: Path):
 
     import bitsandbytes as bnb
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"))
-    for m in model.modules():
+    nf4 = nf4 or NF4Settings()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb_config(nf4, "float32"))
+    for name, m in list(model.named_modules()):
         if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False  # else bitsandbytes computes in bf16 on such CPUs
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(bnb_computed_weight(m, getattr(torch, nf4.compute_dtype)))
+                if m.bias is not None:
+                    linear.bias.copy_(m.bias.float())
+            model.set_submodule(name, linear)
     return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def loaded_linear(weight: torch.Tensor, nf4):
+    """A Linear4bit quantized as transformers' load quantizes one (integrations/bitsandbytes.py,
+    Bnb4bitQuantize: Params4bit(value, **old.__dict__).to(device)), blocksize set on the parameter
+    (BitsAndBytesConfig has no blocksize)."""
+    import bitsandbytes as bnb
+
+    module = bnb.nn.Linear4bit(
+        weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32, compress_statistics=nf4.double_quant,
+        quant_type=nf4.quant_type, quant_storage=getattr(torch, nf4.quant_storage),
+    )
+    old = module.weight
+    old.blocksize = nf4.blocksize
+    module.weight = bnb.nn.Params4bit(weight, requires_grad=False, **old.__dict__).to(weight.device)
+    return module.eval()
+
+
+def bnb_computed_weight(module, compute_dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight a bitsandbytes Linear4bit's forward multiplies by when it computes in
+    `compute_dtype`, as bitsandbytes itself computes it: matmul_4bit of the identity (each output
+    element one product with 1, exact), as float32."""
+    import bitsandbytes as bnb
+
+    eye = torch.eye(module.in_features, dtype=compute_dtype)
+    with torch.no_grad():
+        return bnb.matmul_4bit(eye, module.weight.t(), quant_state=module.weight.quant_state).T.float()
+
+
+def gptq_oracle(path: Path):
+    """A GPTQ checkpoint as transformers loads it, each GPTQModel layer replaced by a float32 nn.Linear
+    of GPTQModel's own dequantize_weight (scales upcast first, so its product is exact in float32):
+    the checkpoint's weights in float32 without qmerge's unpacking."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseQuantLinear):
+            module.scales = module.scales.float()
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantize_weight().T.float())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias.float())
+            model.set_submodule(name, linear)
+    return model.eval()
 
 
 def mean_kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
 """Property tests of the NF4 round trip: over shapes (sizes that are not a multiple of the blocksize
-included), input dtypes, blocksizes, quant types, double quantization and storage dtypes, qmerge's
-round trip is bit for bit what a real bitsandbytes Linear4bit holds after quantizing the same weight
-the way transformers' load does, before and after a CPU forward."""
+included), input dtypes, blocksizes, quant types, double quantization, storage and compute dtypes,
+qmerge's exact round trip is bit for bit what a real bitsandbytes Linear4bit holds after quantizing
+the same weight the way transformers' load does, before and after a CPU forward, and its round trip
+is bit for bit the weight that Linear4bit's matmul_4bit multiplies by in the compute dtype."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import FUZZ_CASES, examples
+from conftest import FUZZ_CASES, bnb_computed_weight, examples, loaded_linear
 from qmerge.io.dtypes import dtype_name
-from qmerge.merge.nf4 import round_trip
+from qmerge.merge.nf4 import exact_round_trip, round_trip
 from qmerge.settings import NF4Settings
 
 CPU = torch.device("cpu")
@@ -27,19 +28,6 @@ COUNTS = examples(quick=10, full=40)
 
 def runs(count: int):
     return settings(max_examples=count, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-
-
-def loaded_linear(weight: torch.Tensor, nf4: NF4Settings) -> bnb.nn.Linear4bit:
-    """A Linear4bit quantized as transformers' load quantizes one (integrations/bitsandbytes.py,
-    Bnb4bitQuantize: Params4bit(value, **old.__dict__).to(device)), blocksize set on the parameter."""
-    module = bnb.nn.Linear4bit(
-        weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32, compress_statistics=nf4.double_quant,
-        quant_type=nf4.quant_type, quant_storage=getattr(torch, nf4.quant_storage),
-    )
-    old = module.weight
-    old.blocksize = nf4.blocksize
-    module.weight = bnb.nn.Params4bit(weight, requires_grad=False, **old.__dict__).to(weight.device)
-    return module.eval()
 
 
 def dequantized(module: bnb.nn.Linear4bit) -> torch.Tensor:
@@ -72,7 +60,7 @@ def cases(draw, repackable: bool = False):
     assume((rows * cols + 1) // 2 % storage.itemsize == 0)
     nf4 = NF4Settings(
         quant_type=draw(st.sampled_from(["nf4", "fp4"])), double_quant=draw(st.booleans()), blocksize=blocksize,
-        quant_storage=dtype_name(storage),
+        quant_storage=dtype_name(storage), compute_dtype=dtype_name(draw(st.sampled_from(DTYPES))),
     )
     dtype = draw(st.sampled_from(DTYPES))
     seed = draw(st.integers(0, 2**16))
@@ -91,11 +79,15 @@ def round_trip_is_what_linear4bit_holds(case) -> None:
     FUZZ_CASES["nf4 round trip = Linear4bit"] = FUZZ_CASES.get("nf4 round trip = Linear4bit", 0) + 1
     weight, nf4 = case
     module = loaded_linear(weight, nf4)
-    ours = round_trip(weight, nf4, CPU)
+    ours = exact_round_trip(weight, nf4, CPU)
     assert ours.dtype == torch.float32 and ours.shape == weight.shape
     assert torch.equal(ours, dequantized(module))
-    # in the input's own dtype too: what bitsandbytes computes with when the model is loaded in it
+    # in the input's own dtype too: what bitsandbytes dequantizes to when the model is loaded in it
     assert torch.equal(ours.to(weight.dtype), F.dequantize_4bit(module.weight.data, module.weight.quant_state))
+    # what its forward multiplies by: the round trip, in the compute dtype
+    computed = round_trip(weight, nf4, CPU)
+    assert computed.dtype == getattr(torch, nf4.compute_dtype)
+    assert torch.equal(computed.float(), bnb_computed_weight(module, computed.dtype))
     module.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         module(torch.randn(3, weight.shape[1]))

@@ -61,15 +61,36 @@ def test_sigkill_then_resume_is_byte_identical(mid, tmp_path, stage):
     assert not list(out.glob(".*"))  # the killed run's partial stage is gone
 
 
-def test_resume_redoes_a_stage_whose_files_changed(tiny_base, tiny_adapter, tmp_path, cli):
-    args = ["run", "--base", tiny_base, "--adapter", tiny_adapter, "--out", tmp_path / "out", *ARGS, "--skip-gptq"]
+def test_resume_reuses_verified_stages_and_redoes_changed_ones(tiny_base, tiny_adapter, tmp_path, cli, monkeypatch):
+    """Unchanged, a resumed run reuses every stage; a stage whose files changed is redone; after an
+    upgrade (here: another transformers version string) nothing the new stack would make differently
+    is reused."""
+    from qmerge import pipeline
+    from qmerge.report.schema import library_versions
+
+    args = ["run", "--base", tiny_base, "--adapter", tiny_adapter, "--out", tmp_path / "out", "--seq-len", "64", "--calibration-samples", "2",
+            "--eval-samples", "2", "--skip-gptq", "--candidates", "merged"]
     assert cli(*args).returncode == 0
+    again = cli(*args, "--resume")
+    assert again.returncode == 0 and "merged: reused" in again.stdout and "drift: reused" in again.stdout
     merged = tmp_path / "out" / "merged" / "model.safetensors"
     intact = merged.read_bytes()
     merged.write_bytes(b"damaged")
     resumed = cli(*args, "--resume")
     assert resumed.returncode == 0 and "merged: reused" not in resumed.stdout
     assert merged.read_bytes() == intact
+    monkeypatch.setattr(pipeline, "library_versions", lambda: {**library_versions(), "transformers": "5.99.0"})
+    upgraded = cli(*args, "--resume")
+    assert upgraded.returncode == 0 and "reused" not in upgraded.stdout, upgraded.stdout
+    assert json.loads((tmp_path / "out" / "manifests" / "merged.json").read_text())["produced_by"]["versions"]["transformers"] == "5.99.0"
+
+
+def test_calibration_order_is_part_of_the_key():
+    """GPTQ's result depends on the order of its calibration windows: the digest the GPTQ stage keys on does too."""
+    from qmerge.io import text
+
+    windows = torch.arange(12).view(3, 4)
+    assert text.stream_sha256(windows) != text.stream_sha256(windows.flip(0))
 
 
 def one_line_exit_2(result, *words: str) -> str:
@@ -108,6 +129,7 @@ def _scale_tensor(adapter: Path, factor: float) -> None:
     save_file(tensors, path)
 
 
+NORM = "model.layers.1.post_attention_layernorm.weight"
 BAD_INPUTS = {
     "adapter_config_missing": (lambda b, a: (a / "adapter_config.json").unlink(), ["adapter_config.json is missing"]),
     "adapter_weights_missing": (lambda b, a: (a / "adapter_model.safetensors").unlink(), ["adapter_model.safetensors is missing"]),
@@ -123,7 +145,24 @@ BAD_INPUTS = {
     "dora_without_magnitudes": (lambda b, a: _set_config(a, use_dora=True), ["lacks lora_magnitude_vector", "use_dora"]),
     "missing_target": (lambda b, a: _rename_module(a, "q_proj", "qq_proj"), ["qq_proj", "base does not have"]),
     "vocabulary": (lambda b, a: make_tokenizer(a, 700), ["700 tokens", "vocabulary is 512"]),
+    # a tensor the model expects, missing: transformers would initialise it at random (and only warn)
+    "missing_base_tensor": (lambda b, a: _edit_base(b, {NORM: None}), ["lacks tensor", NORM]),
+    # a layer whose output overflows float32 (finite weights): NaN logits would make every metric NaN
+    "overflowing_layer": (lambda b, a: _edit_base(b, {"model.layers.0.mlp.up_proj.weight": 1e10, "model.layers.0.mlp.down_proj.weight": 1e39}),
+                          ["reference", "non-finite logits"]),
 }
+
+
+def _edit_base(base: Path, factors: dict[str, float | None]) -> None:
+    """Scale tensors of the base by their factor, or remove them (factor None)."""
+    path = base / "model.safetensors"
+    tensors = load_file(path)
+    for key, factor in factors.items():
+        if factor is None:
+            del tensors[key]
+        else:
+            tensors[key] = (tensors[key].float() * factor).to(tensors[key].dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def _rename_module(adapter: Path, old: str, new: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from browser import SVG, assert_charts_draw, needs_chromium, screenshot, svgs
+from conftest import strict_report
 from qmerge.models.device import device_info
 from qmerge.report import charts, files, html, markdown
 from qmerge.report.schema import library_versions
@@ -191,6 +192,21 @@ def test_completions_side_by_side_are_escaped_present_and_marked(full_report, tm
     assert markdown.md_table(["a"], [["x|y"]]).count("\\|") == 1  # a pipe in a completion stays inside its cell
 
 
+def test_undefined_numbers_are_null_in_json_and_nan_on_the_page(full_report, tmp_path):
+    """A standard error of one window is undefined: null in report.json (strict JSON), "nan" in the
+    markdown, whether rendered at once or from evaluations read back (as the pipeline reads the drift
+    stage's file)."""
+    rep = json.loads(json.dumps(full_report))
+    first = next(iter(rep["evaluations"][0]["metrics"].values()))
+    first["kld_mean_se"] = first["ppl_se"] = float("nan")
+    rep["evaluations"][0]["layers"][next(iter(rep["evaluations"][0]["layers"]))][0]["rel_error"] = float("inf")
+    files.write(rep, tmp_path)
+    saved = strict_report(tmp_path / "report.json")
+    assert next(iter(saved["evaluations"][0]["metrics"].values()))["kld_mean_se"] is None
+    back = files.undefined_as_nan(json.loads(files.dumps(rep["evaluations"])))
+    assert "nan" in markdown.markdown({**rep, "evaluations": back}) and "nan" in (tmp_path / "report.md").read_text()
+
+
 def test_chart_geometry_follows_the_numbers(full_report):
     """Pareto points sit where their size and KLD put them; the frontier is the non-dominated set."""
     page = html.render(full_report)
@@ -317,6 +333,35 @@ def test_compare_markdown_and_html(compared):
     page = (d / "compare.html").read_text()
     root = ET.fromstring(page)
     assert [s.get("class") for s in root.iter(SVG + "svg")] == ["chart dots"] and len(list(root.iter("tr"))) == 1 + len(result["evaluations"][0]["rows"])
+
+
+def test_compare_matches_rows_by_kind_and_names_the_settings(tiny_run, tmp_path, cli):
+    """A g32 report against a g64 one (the same run, its GPTQ rows renamed and its settings changed as
+    a g64 run's are): the GPTQ and RTN rows side by side with their difference and the group size
+    named; the other rows say their settings are the same."""
+    a = strict_report(tiny_run.out / "report.json")
+    b = json.loads(json.dumps(a))
+    b["settings"]["gptq"]["group_size"] = 64
+    renames = {"gptq 4-bit g32": "gptq 4-bit g64", "rtn 4-bit g32": "rtn 4-bit g64"}
+    b["candidates"] = {renames.get(k, k): v for k, v in b["candidates"].items()}
+    for ev in b["evaluations"]:
+        ev["metrics"] = {renames.get(k, k): v for k, v in ev["metrics"].items()}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    r = cli("compare", tmp_path / "a.json", tmp_path / "b.json", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {(row["kind"], row["report"]): row for row in strict_json_line(r.stdout)["evaluations"][0]["rows"]}
+    for kind, name in (("gptq", "gptq 4-bit g64"), ("rtn", "rtn 4-bit g64")):
+        row = rows[(kind, "B")]
+        assert row["candidate"] == name and row["settings_differ"] == ["group_size 32 → 64"]
+        assert row["vs"]["test"] == "paired" and row["vs"]["kld_mean"]["diff"] == 0  # the same numbers under the new name
+    assert rows[("merged", "B")]["settings_differ"] == [] and "vs" in rows[("merged", "B")]
+    md = cli("compare", tmp_path / "a.json", tmp_path / "b.json").stdout
+    assert any(line.startswith("| gptq 4-bit g64 | B |") and "group_size 32 → 64" in line for line in md.splitlines())
+
+
+def strict_json_line(text: str) -> dict:
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
 
 
 def test_compare_bad_input_exits_2(compared, tmp_path):

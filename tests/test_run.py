@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_base, make_qlora_adapter, one_line_error, reference_model
+from conftest import gptq_oracle, make_base, make_qlora_adapter, one_line_error, reference_model
 from qmerge.eval.candidates import display_name
 from qmerge.io import text
 from qmerge.io.corpus import stdlib_part
@@ -42,7 +42,8 @@ def test_layout_and_gptq_checkpoint(run_out):
 
 
 def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny_adapter):
-    """Recompute the metrics here from the three models, with plain formulas (1e-4 rel)."""
+    """Recompute the metrics here from the three models (the GPTQ checkpoint's weights in float32,
+    dequantized by GPTQModel), with plain formulas (1e-4 rel)."""
     out, rep = run_out
     tok = AutoTokenizer.from_pretrained(tiny_base)
     windows = text.token_windows(stdlib_part("eval"), tok, 64, 6, "eval")
@@ -54,8 +55,9 @@ def test_report_metrics_match_independent_recomputation(run_out, tiny_base, tiny
 
     with torch.no_grad():
         ref = torch.log_softmax(reference_model(tiny_base, tiny_adapter)(inputs).logits.double(), -1)
-        for name, path in (("merged (NF4 base + adapter)", out / "merged"), ("gptq 4-bit g32", out / "gptq")):
-            lp = torch.log_softmax(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(inputs).logits.double(), -1)
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+        for name, model in (("merged (NF4 base + adapter)", merged), ("gptq 4-bit g32", gptq_oracle(out / "gptq"))):
+            lp = torch.log_softmax(model(inputs).logits.double(), -1)
             kld = (ref.exp() * (ref - lp)).sum(-1).flatten()
             nll = -lp.gather(-1, targets.unsqueeze(-1)).flatten()
             nll_ref = -ref.gather(-1, targets.unsqueeze(-1)).flatten()

@@ -24,9 +24,10 @@ from qmerge.eval.drift import NOISE_FLOOR
 from qmerge.merge.adapter import Mix
 from qmerge.models.base import dequantized
 from qmerge.io.inputs import resolve
-from qmerge.models.checkpoints import candidate_dtype, load_baseline, load_candidate
+from qmerge.models.checkpoints import candidate_dtype, is_quantized, load_baseline, load_candidate
 from qmerge.models.reference import peft_nf4
 from qmerge.quant import rtn, sizes
+from qmerge.quant.gptq_float import load_float32, stores_gptq_v1
 from qmerge.settings import GPTQSettings, NF4Settings, checkpoint_kind
 
 REFERENCES = {"qlora": "reference (QLoRA as trained)", "lora": "reference (LoRA on the 16-bit base)"}
@@ -46,10 +47,11 @@ class Sources:
     nf4: NF4Settings
     gptq: GPTQSettings
     merged_dtype: str
-    linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer that gets quantized
+    linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer GPTQ quantizes (bits per weight are over these)
     device: torch.device
     trust_remote_code: bool = False
     checkpoints: tuple[str, ...] = ()  # NAME=DIR_OR_HUB_ID of the checkpoints made elsewhere
+    nf4_linears: frozenset[str] = frozenset()  # the layers bitsandbytes quantized (PEFT's 4-bit merge re-rounds these)
 
 
 def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4") -> str:
@@ -84,7 +86,7 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
     remote = src.trust_remote_code
     if kind in STAGE_DIRS or kind.startswith(CHECKPOINT):
         path = path_of(kind, src)
-        return load_candidate(path, src.device, remote), sizes.checkpoint_layout(path)
+        return load_checkpoint(path, src.device, remote), sizes.checkpoint_layout(path)
     if kind == "base":  # no size for a pickled base (--allow-pickle)
         return load_baseline(kind, src.base_dir, src.mix, src.device, remote), sizes.checkpoint_layout(src.base_dir) or None
     linears = set(src.linears)
@@ -94,18 +96,28 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
         model = peft_nf4(reference)
-        layout = sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
+        layout = sizes.with_linears(merged, src.nf4_linears, sizes.state_tensors(model, src.nf4_linears))
         return dequantized(model), layout
     model = load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)
     return model, merged  # "original": the same tensors and dtype as DIR/merged
 
 
+def load_checkpoint(path: Path, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A candidate checkpoint computing in float32: a GPTQ v1 checkpoint as the float32 weights it
+    stores (every row at one precision, whatever kernel a server picks), a float one upcast per use;
+    another quantized one made elsewhere through its kernels (see load_candidate)."""
+    return (load_float32 if stores_gptq_v1(path) else load_candidate)(path, device, trust_remote_code)
+
+
 def compute_dtype(kind: str, src: Sources) -> str:
+    """Every row computes in float32 but the noise floor (the training compute dtype) and a quantized
+    checkpoint made elsewhere that qmerge cannot read as float32 weights (its kernels' dtype)."""
     if kind == "noise-floor":
         return src.nf4.compute_dtype
-    path = path_of(kind, src)
-    dtype = candidate_dtype(path, src.device) if kind in STAGE_DIRS or kind.startswith(CHECKPOINT) else torch.float32
-    return str(dtype).removeprefix("torch.")
+    path = path_of(kind, src) if kind.startswith(CHECKPOINT) else None
+    if path is not None and is_quantized(path) and not stores_gptq_v1(path):
+        return str(candidate_dtype(path, src.device)).removeprefix("torch.")
+    return "float32"
 
 
 def describe(kind: str, tensors: dict[str, int] | None, src: Sources) -> dict:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from qmerge.eval.finite import check_finite
 from qmerge.eval.metrics import compare, kld_histogram, per_window, summarize
 from qmerge.io.dtypes import torch_dtype
 from qmerge.io.memory import release
@@ -79,6 +80,7 @@ class Tally:
         ids = self.windows[start : start + batch_size].to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         ref_out = reference(input_ids=inputs, output_hidden_states=True)
+        check_finite(ref_out.logits, "the reference (QLoRA as trained)", start)
         for name, model in models.items():  # one model's outputs alive at a time: 100 MB of logits each for SmolLM2
             if model is None:
                 set_4bit_compute_dtype(reference, floor_dtype)
@@ -86,6 +88,7 @@ class Tally:
                 set_4bit_compute_dtype(reference, torch.float32)
             else:
                 out = model(input_ids=inputs, output_hidden_states=True)
+            check_finite(out.logits, f"candidate {name!r}", start)
             self.layers.setdefault(name, LayerDrift()).add(ref_out.hidden_states, out.hidden_states)
             s = compare(ref_out.logits, out.logits, targets)
             del out

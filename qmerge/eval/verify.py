@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qmerge.errors import VerifyError
+from qmerge.eval.finite import check_finite
 from qmerge.eval.metrics import compare
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.memory import release
@@ -104,10 +105,14 @@ def raise_if_failed(result: Verification) -> None:
 
 def _peft_merged(base: torch.nn.Module, mix: Mix) -> dict[str, torch.Tensor]:
     """PEFT's merge of the adapters into a float32 copy of `base` (a load_base model, the base as the
-    adapter saw it): every bitsandbytes Linear4bit replaced by a plain Linear holding its dequantized
-    weight."""
+    adapter saw it): every bitsandbytes Linear4bit replaced by a plain Linear holding its weight as
+    trained. Keyed as a checkpoint stores the tensors: transformers' own reverse conversion (what
+    save_pretrained writes), so fused MoE experts come out one tensor per expert."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     merged = peft_model(dequantized(base), mix).merge_and_unload()
-    return {k: v.detach() for k, v in merged.state_dict().items()}
+    merged._weight_conversions = None  # the architecture's conversions only, not the 4-bit load's (which has no reverse)
+    return {k: v.detach() for k, v in revert_weight_conversion(merged, merged.state_dict()).items()}
 
 
 def _compare(key: str, stored: torch.Tensor, expected: torch.Tensor | None) -> ModuleCheck:
@@ -154,8 +159,11 @@ def _logits_kld(reference: torch.nn.Module, merged_dir: Path, windows: torch.Ten
     device = next(reference.parameters()).device
     model = load_candidate(merged_dir, device, trust_remote_code)
     klds = []
-    for window in windows:
+    for i, window in enumerate(windows):
         ids = window[None].to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
-        klds.append(compare(reference(input_ids=inputs).logits, model(input_ids=inputs).logits, targets).kld)
+        ref, got = reference(input_ids=inputs).logits, model(input_ids=inputs).logits
+        check_finite(ref, "the reference (QLoRA as trained)", i)
+        check_finite(got, f"the merged checkpoint {merged_dir}", i)
+        klds.append(compare(ref, got, targets).kld)
     return torch.cat(klds).mean().item()

@@ -8,8 +8,11 @@ A source is one of:
                               local files per role;
   hf:NAME[:CONFIG]:SPLIT[:FIELD]  any hub dataset with a text field (default field "text");
   PATH                        a local .txt, .jsonl ("text" or chat "messages" per line) or a folder of them.
-Windows are non-overlapping `seq_len`-token slices of the documents joined by blank lines, taken in
-order; the same source, tokenizer and length always give the same windows.
+Windows are non-overlapping slices of the documents joined by blank lines, taken in order, each
+`seq_len` tokens long; when the tokenizer adds a BOS token (Llama-3, Gemma, Mistral: their attention
+sink), each window is BOS + `seq_len` − 1 text tokens, as llama.cpp's perplexity tool starts every
+chunk, so eval, verify and calibration see what the model sees in deployment. The same source,
+tokenizer and length always give the same windows.
 """
 
 from __future__ import annotations
@@ -98,18 +101,33 @@ def _hub_texts(name: str, config: str | None, split: str, field: str, data_files
     return [t for t in ds[field] if t and t.strip()]
 
 
+def bos_of(tokenizer) -> int | None:
+    """The BOS token id the tokenizer puts before text (add_bos), None when it adds none."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def token_windows(texts: list[str], tokenizer, seq_len: int, count: int, what: str) -> torch.Tensor:
-    """`count` non-overlapping windows of `seq_len` tokens, shape (count, seq_len)."""
+    """`count` non-overlapping windows of `seq_len` tokens, shape (count, seq_len): BOS + seq_len − 1
+    text tokens each when the tokenizer adds BOS (bos_of), seq_len text tokens otherwise."""
     if not texts or not any(t.strip() for t in texts):
         raise QmergeError(f"the {what} text is empty; name a source with text in it")
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
-    available = ids.numel() // seq_len
+    bos = bos_of(tokenizer)
+    step = seq_len - (bos is not None)
+    available = ids.numel() // step
     if available < count:
         raise QmergeError(
             f"the {what} text has {ids.numel()} tokens, {available} windows of {seq_len}; "
             f"{count} were asked for: lower the sample count or --seq-len, or add text"
         )
-    return ids[: count * seq_len].view(count, seq_len).clone()
+    text = ids[: count * step].view(count, step)
+    if bos is None:
+        return text.clone()
+    return torch.cat([torch.full((count, 1), bos, dtype=text.dtype), text], dim=1)
 
 
 def windows(source: str, role: str, tokenizer, seq_len: int, count: int) -> torch.Tensor:

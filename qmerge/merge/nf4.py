@@ -2,8 +2,12 @@
 quantized, with which settings, and the round trip dequantize(quantize_4bit(W)) of one weight.
 
 QLoRA trains against dequantize(quantize_nf4(W)), not W. bitsandbytes packs the same 4-bit codes
-whatever the input dtype (bf16 or its exact float32 upcast); only the dequantized output's rounding
-depends on it, so the round trip runs in float32 and yields the exact NF4 values.
+whatever the input dtype (bf16 or its exact float32 upcast), so the round trip quantizes in float32
+and dequantizes to the exact values code × absmax. Its forward (`matmul_4bit`, every training step)
+does not multiply by those: bitsandbytes 0.50's gemm_4bit dequantizes into the dtype of the
+activations, the training compute dtype, so a bf16 run computes with code × absmax rounded to bf16
+(tests/test_nf4_properties.py checks it against matmul_4bit itself). `round_trip` returns those
+values, the ones the adapter was trained against.
 """
 
 from __future__ import annotations
@@ -44,7 +48,19 @@ def quantized_linear_names(config: AutoConfig, nf4: NF4Settings, trust_remote_co
 
 
 def round_trip(weight: torch.Tensor, nf4: NF4Settings, device: torch.device) -> torch.Tensor:
-    """dequantize(quantize_4bit(W)) with bitsandbytes' own kernels, as float32 on `device`."""
+    """The weight bitsandbytes' forward multiplies by after quantize_4bit(W) with the training settings:
+    the exact 4-bit values rounded once to the training compute dtype, in that dtype, on `device`."""
+    return as_computed(exact_round_trip(weight, nf4, device), nf4.compute_dtype)
+
+
+def as_computed(exact: torch.Tensor, compute_dtype: str) -> torch.Tensor:
+    """Exact 4-bit values (code × absmax, float32) as bitsandbytes' forward computes with them: rounded
+    to the compute dtype, as its gemm_4bit dequantizes (one rounding, float32 → compute dtype)."""
+    return exact.to(torch_dtype(compute_dtype))
+
+
+def exact_round_trip(weight: torch.Tensor, nf4: NF4Settings, device: torch.device) -> torch.Tensor:
+    """dequantize(quantize_4bit(W)) with bitsandbytes' own kernels, exact (code × absmax), as float32 on `device`."""
     import bitsandbytes.functional as F
 
     w = weight.to(device=device, dtype=torch.float32)

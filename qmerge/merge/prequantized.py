@@ -10,6 +10,7 @@ from transformers import AutoConfig
 from qmerge.errors import QmergeError
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.dtypes import dtype_name
+from qmerge.merge.nf4 import as_computed
 from qmerge.settings import NF4Settings
 
 CPU = torch.device("cpu")
@@ -21,11 +22,15 @@ class Prequantized:
     """A checkpoint bitsandbytes quantized to 4 bits and transformers saved: per quantized weight the
     packed codes plus absmax, quant_map, nested_absmax/nested_quant_map (double quantization) and
     quant_state.bitsandbytes__nf4|fp4 (blocksize, dtype, logical shape). The auxiliary tensors are
-    hidden; a quantized weight reads as bitsandbytes' dequantization of the stored tensors, in float32
-    (the stored dtype would round the exact 4-bit values)."""
+    hidden; a quantized weight reads as bitsandbytes' forward computes with it: the stored codes and
+    statistics dequantized exactly, rounded to the compute dtype of the config's quantization_config
+    (qmerge.merge.nf4.as_computed), whatever dtype the stored state names."""
 
-    def __init__(self, base: LazyCheckpoint):
+    def __init__(self, base: LazyCheckpoint, config: AutoConfig):
         self.base = base
+        qc = config.quantization_config
+        self.compute_dtype = str(qc.get("bnb_4bit_compute_dtype", "float32")).removeprefix("torch.")
+        self.skip_modules = tuple(qc.get("llm_int8_skip_modules") or ())
         keys = base.keys()
         self._state_key = {k.split(_STATE)[0]: k for k in keys if _STATE in k}
         self.quantized = frozenset(self._state_key)
@@ -60,9 +65,9 @@ class Prequantized:
         except (KeyError, ValueError, AssertionError) as e:
             raise QmergeError(f"{key}: its bitsandbytes quantization state is incomplete ({type(e).__name__}: {e}); re-save the quantized model") from e
         state.dtype = torch.float32
-        return F.dequantize_4bit(self.base.get(key).to(device), state)
+        return as_computed(F.dequantize_4bit(self.base.get(key).to(device), state), self.compute_dtype)
 
-    def settings(self, config: AutoConfig) -> NF4Settings:
+    def settings(self) -> NF4Settings:
         """The 4-bit settings the stored tensors were made with: type, double quantization and
         blocksize from every layer's stored state (one set for the whole model), storage from the
         packed tensors' dtype, compute dtype and skip list from the config's quantization_config."""
@@ -71,11 +76,9 @@ class Prequantized:
             raise QmergeError(f"the pre-quantized base mixes 4-bit settings across layers ({sorted(found)}); qmerge needs one setting for the whole model")
         quant_type, double_quant, blocksize = found.pop()
         storage = self.base.get(min(self.quantized)).dtype  # transformers packs every layer into the one bnb_4bit_quant_storage
-        qc = config.quantization_config
         return NF4Settings(
             quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, quant_storage=dtype_name(storage),
-            compute_dtype=str(qc.get("bnb_4bit_compute_dtype", "float32")).removeprefix("torch."),
-            skip_modules=tuple(qc.get("llm_int8_skip_modules") or ()),
+            compute_dtype=self.compute_dtype, skip_modules=self.skip_modules,
         )
 
 

@@ -23,8 +23,9 @@ def is_prequantized(config: AutoConfig) -> bool:
 
 
 class RoundTrip:
-    """A 16-bit base whose quantized linear weights read as their round trip (float32 on the device
-    asked for); every other tensor reads as stored. One tensor at a time, as LazyCheckpoint reads."""
+    """A 16-bit base whose quantized linear weights read as their round trip (the values bitsandbytes'
+    forward computes with, in the training compute dtype, on the device asked for); every other
+    tensor reads as stored. One tensor at a time, as LazyCheckpoint reads."""
 
     def __init__(self, base: LazyCheckpoint, quantized: set[str], nf4: NF4Settings):
         self.base, self.quantized, self.nf4 = base, frozenset(quantized), nf4
@@ -52,8 +53,11 @@ def as_trained(base_dir: Path, config: AutoConfig, nf4: NF4Settings, into: str =
     if is_prequantized(config):
         if into != "nf4":
             raise QmergeError(f"{base_dir} is a pre-quantized 4-bit checkpoint: it has no original 16-bit weights to merge into; use --merge-into nf4 or pass the 16-bit base")
-        return Prequantized(base)
+        return Prequantized(base, config)
     quantized = {f"{n}.weight" for n in quantized_linear_names(config, nf4, trust_remote_code)} if into == "nf4" else set()
+    unstored = sorted(quantized - set(base.keys()))
+    if unstored:  # transformers renames this checkpoint's tensors at load: which stored tensor it quantized is unknown
+        raise QmergeError(f"bitsandbytes quantizes {unstored[0].removesuffix('.weight')}, but the checkpoint stores no {unstored[0]} (transformers converts its tensor names at load); this layout is not supported")
     return RoundTrip(base, quantized, nf4)
 
 
@@ -66,7 +70,7 @@ def effective_settings(config: AutoConfig, source: Source, nf4: NF4Settings, giv
     adapter was trained on the stored tensors, whatever the flags say."""
     if not isinstance(source, Prequantized):
         return nf4
-    stored = source.settings(config)
+    stored = source.settings()
     for name in given:
         mine, theirs = getattr(nf4, name), getattr(stored, name)
         if mine != theirs:

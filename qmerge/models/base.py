@@ -1,37 +1,45 @@
 """The base model the adapter was trained on, loaded for computation: in 4-bit by bitsandbytes as the
 training run loaded it (or as a pre-quantized checkpoint stores it), computing in float32 with the
-exact 4-bit values; or the 16-bit base for a plain LoRA."""
+weights bitsandbytes' forward computes with in training (the 4-bit values rounded to the training
+compute dtype, qmerge.merge.nf4.as_computed), upcast exactly; or the 16-bit base for a plain LoRA."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
+from qmerge.io.dtypes import dtype_name, torch_dtype
 from qmerge.io.memory import release
-from qmerge.merge.nf4 import bnb_config
+from qmerge.merge.nf4 import as_computed, bnb_config
 from qmerge.merge.source import is_prequantized
+from qmerge.models.loading import from_pretrained
 from qmerge.settings import NF4Settings
 
 
 def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device, kind: str = "qlora", trust_remote_code: bool = False):
-    """The base model the adapter was trained on, computing in float32 with the exact 4-bit values:
+    """The base model the adapter was trained on, computing in float32 with the weights as trained:
     kind="qlora" loaded in 4-bit by bitsandbytes (a 16-bit base quantized with the training settings
-    `nf4`, a pre-quantized checkpoint as stored), kind="lora" the base as stored (the 16-bit weights;
-    a pre-quantized checkpoint has no others)."""
+    `nf4`, a pre-quantized checkpoint as stored), each 4-bit layer computing with its 4-bit values
+    rounded to the training compute dtype `nf4.compute_dtype` (what bitsandbytes' forward multiplies
+    by in training); kind="lora" the base as stored (the 16-bit weights; a pre-quantized checkpoint
+    has no others)."""
     import bitsandbytes as bnb
 
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     # quantization_config only when bitsandbytes is to quantize (None would drop a checkpoint's own)
     quantize = {"quantization_config": bnb_config(nf4, compute_dtype="float32")} if kind == "qlora" and not is_prequantized(config) else {}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code, **quantize)
+    model = from_pretrained(base_dir, "the base", dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code, **quantize)
+    trained = torch_dtype(nf4.compute_dtype) if nf4 is not None else torch.float32
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            # a pre-quantized checkpoint's config sets its own compute dtype, and its stored state
-            # dequantizes to the dtype it was saved from (bf16 rounds the exact 4-bit values)
+            # the stored state dequantizes exactly; as_trained_forward rounds to the training compute dtype
             module.compute_dtype = torch.float32
             module.weight.quant_state.dtype = torch.float32
+            module.trained_dtype = trained
+            module.forward = types.MethodType(as_trained_forward, module)
             # On CPUs with AVX512-BF16, bitsandbytes repacks the weight at the first forward and then
             # computes in bf16 whatever compute_dtype says; keep the float32 path the metrics assume.
             module.support_avx512bf16_for_cpu = False
@@ -42,8 +50,19 @@ def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device, kin
     return model
 
 
+def as_trained_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A load_base Linear4bit's forward: float32 arithmetic on the weight as trained (held_weight); in
+    any other compute dtype (the noise floor sets the training one), bitsandbytes' own forward."""
+    if self.compute_dtype != torch.float32:
+        return type(self).forward(self, x)
+    bias = None if self.bias is None else self.bias.float()
+    return torch.nn.functional.linear(x.float(), held_weight(self).float(), bias).to(x.dtype)
+
+
 def held_weight(module) -> torch.Tensor:
-    """What a bitsandbytes Linear4bit of a load_base model holds, dequantized with its own state.
+    """The weight a bitsandbytes Linear4bit of a load_base model computed with in training: its codes
+    and statistics dequantized exactly, rounded to the training compute dtype (module.trained_dtype,
+    set by load_base; float32 when unset), in that dtype.
 
     load_base turns bitsandbytes' CPU repacking off: the repack rounds the block scales to bf16, and
     bitsandbytes 0.50's inverse of it leaves non-nested scales transposed, so a repacked layer no
@@ -52,13 +71,14 @@ def held_weight(module) -> torch.Tensor:
 
     if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
         raise RuntimeError("held_weight of a Linear4bit that bitsandbytes repacked for CPU inference; load it with qmerge.models.base.load_base")
-    return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    exact = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    return as_computed(exact, dtype_name(getattr(module, "trained_dtype", torch.float32)))
 
 
 @torch.no_grad()
 def dequantized(model: torch.nn.Module) -> torch.nn.Module:
     """Every bitsandbytes Linear4bit of a load_base model replaced by a float32 nn.Linear holding its
-    dequantized weight: the same function as bitsandbytes' float32 path, without dequantizing at every
+    weight as trained (held_weight): the same function as its forward, without dequantizing at every
     forward (several times faster on CPU), and a float model PEFT merges in float."""
     import bitsandbytes as bnb
 

@@ -16,21 +16,25 @@ from qmerge.merge.adapter import Mix
 from qmerge.merge.edits import apply_to_model
 from qmerge.models.base import load_base
 from qmerge.models.float32 import float32_compute
-
-
-def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
-    """The dtype a candidate computes in: float32, except a quantized checkpoint on CUDA: GPTQModel
-    picks Marlin there, which computes in float16 only (as servers run it)."""
-    return torch.float16 if _quantized(path) and device.type == "cuda" else torch.float32
+from qmerge.models.loading import from_pretrained
 
 
 def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = False):
-    """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config); a
-    float checkpoint in its stored dtype, computing in float32 (see float32_compute)."""
+    """A float checkpoint (DIR/merged) through plain transformers, in its stored dtype, computing in
+    float32 (see float32_compute); a load that misses or ignores a tensor is refused. A quantized
+    checkpoint made elsewhere (--checkpoint: AWQ, bitsandbytes 4-bit, a GPTQ format other than v1)
+    loads through transformers and its kernels, in candidate_dtype. (A GPTQ v1 checkpoint, qmerge's
+    own, is read as its float32 weights by qmerge.quant.gptq_float.)"""
     load = dict(device_map={"": device}, trust_remote_code=trust_remote_code)
-    if _quantized(path):
+    if is_quantized(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), **load).eval()
-    return float32_compute(AutoModelForCausalLM.from_pretrained(path, dtype="auto", **load)).eval()
+    return float32_compute(from_pretrained(path, "the checkpoint", dtype="auto", **load)).eval()
+
+
+def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
+    """The dtype a checkpoint made elsewhere computes in: float32, except a quantized one on CUDA,
+    where its kernels (Marlin, AWQ's) compute in float16 only, as servers run them."""
+    return torch.float16 if is_quantized(path) and device.type == "cuda" else torch.float32
 
 
 SCORED = ("gptq", "awq", "bitsandbytes 4-bit")  # quantizations a candidate may have: transformers loads them here (GPTQ and AWQ through GPTQModel)
@@ -48,7 +52,8 @@ def check_loadable(path: Path, name: str) -> None:
         raise QmergeError(f"checkpoint {name} is quantized with {method}, which qmerge cannot load to evaluate; pass a GPTQ, AWQ, bitsandbytes 4-bit or 16-bit checkpoint")
 
 
-def _quantized(path: Path) -> bool:
+def is_quantized(path: Path) -> bool:
+    """A checkpoint whose config carries a quantization_config (GPTQ, bitsandbytes, ...)."""
     return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
 
 

@@ -1,5 +1,6 @@
 """GPTQ with GPTQModel (the maintained successor of AutoGPTQ, and the loader transformers 5 and
-optimum 2 use for GPTQ), writing the portable profile: format gptq (v1), int32 packing."""
+optimum 2 use for GPTQ), writing the portable profile: format gptq (v1), int32 packing, in the
+layout of the model it came from, checked to load and run before it is handed over."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from qmerge.io.progress import Progress
+from qmerge.models.architecture import transformers_holds
 from qmerge.models.engine import gptqmodel
+from qmerge.quant import structure
+from qmerge.quant.gptq_check import check_layers, check_loads
+from qmerge.quant.layout import fuse
+from qmerge.quant.servers import resolve_group_size
 from qmerge.settings import GPTQSettings
 
 LOG_NAME = "quantize.log"
@@ -23,12 +30,15 @@ LOG_NAME = "quantize.log"
 def quantize(
     merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False, trust_remote_code: bool = False
 ) -> list[dict]:
-    """Quantize `merged_dir` into `out_dir`; returns the quantizer's per-module log
+    """Quantize `merged_dir` into `out_dir`, in the layout of the model it came from, checked as
+    qmerge.quant.gptq_check says before it is handed over; returns the quantizer's per-module log
     (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv."""
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / LOG_NAME
-    with _quiet(log_path, verbose) as progress_stream, _scratch_cwd() as scratch:
+    layers = structure.of_checkpoint(merged_dir, trust_remote_code)
+    gptq, _ = resolve_group_size(layers.shapes, gptq)  # group size auto: decided on the layers GPTQ quantizes
+    loader = gptq_loader(AutoConfig.from_pretrained(merged_dir, trust_remote_code=trust_remote_code), layers, trust_remote_code)
+    with _quiet(out_dir / LOG_NAME, verbose) as progress_stream, _scratch_cwd() as scratch:
         engine = gptqmodel()
         config = engine.QuantizeConfig(
             bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq",
@@ -36,26 +46,43 @@ def quantize(
         )
         model = engine.GPTQModel.load(str(merged_dir), config, device=str(device), trust_remote_code=trust_remote_code)
         rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calibration]
-        layers = model.model.model.layers
-        bar = Progress(len(layers), "gptq", "layer", stream=progress_stream)
-
-        def on_layer(index: int):
-            def hook(*_):
-                bar.update(max(0, index - bar.done))  # layer `index` starts: the layers before it are done
-
-            return hook
-
-        handles = [layer.register_forward_pre_hook(on_layer(i)) for i, layer in enumerate(layers)]
-        try:
+        with _layer_progress(model.model.get_submodule(layers.layers_node), progress_stream):
             model.quantize(rows, batch_size=1)
-            bar.update(len(layers) - bar.done)
-        finally:
-            for h in handles:
-                h.remove()
-            bar.close()
         model.save(str(out_dir))
-    _scrub_local_paths(out_dir)
+        del model
+        _scrub_local_paths(out_dir)
+        fuse(out_dir, layers.fused, gptq.bits)
+        check_layers(out_dir, merged_dir, layers, gptq.bits)
+        check_loads(out_dir, calibration[0], device, loader, trust_remote_code)
     return read_quant_log(out_dir)
+
+
+def gptq_loader(config, layers: structure.GPTQLayers, trust_remote_code: bool = False) -> str:
+    """The loader a user would load the GPTQ checkpoint with: transformers, or GPTQModel where
+    transformers has no linear layer to hold a quantized one (fused MoE experts)."""
+    return "transformers" if transformers_holds(config, layers.shapes, trust_remote_code) else "gptqmodel"
+
+
+@contextlib.contextmanager
+def _layer_progress(decoder_layers: torch.nn.Module, stream):
+    """Progress over the decoder layers (where GPTQModel's definition says they are): layer i's first
+    run means the layers before it are done."""
+    bar = Progress(len(decoder_layers), "gptq", "layer", stream=stream)
+
+    def on_layer(index: int):
+        def hook(*_):
+            bar.update(max(0, index - bar.done))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(on_layer(i)) for i, layer in enumerate(decoder_layers)]
+    try:
+        yield
+        bar.update(len(decoder_layers) - bar.done)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
 
 
 def _scrub_local_paths(out_dir: Path) -> None:

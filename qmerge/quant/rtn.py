@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from qmerge.models.architecture import linear_layers
 from qmerge.models.engine import gptqmodel
 from qmerge.settings import GPTQSettings
 
@@ -41,9 +42,9 @@ def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:
 
 @torch.no_grad()
 def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings) -> torch.nn.Module:
-    """Round the weights of the linear layers `names` (the layers GPTQ quantizes), held in float32:
-    levels times a float16 scale need more bits than a 16-bit weight has."""
-    for name in names:
-        linear = model.get_submodule(name)
+    """Round the weights of the linear layers `names` (the layers GPTQ quantizes, as the checkpoint
+    names them: fused MoE experts become per-expert layers first), held in float32: levels times a
+    float16 scale need more bits than a 16-bit weight has."""
+    for linear in linear_layers(model, names).values():
         linear.weight = torch.nn.Parameter(fake_quantize(linear.weight, gptq), requires_grad=False)
     return model

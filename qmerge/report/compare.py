@@ -6,6 +6,10 @@ difference is taken window by window from the reports' per-window sums, and its 
 clustered over windows, exactly as the metrics themselves are. That cancels what both runs share
 (hard windows are hard for both) and detects far smaller differences than comparing two means whose
 SEs are combined in quadrature, which is the **unpaired** test used when the token streams differ.
+
+Rows are matched by their kind (report.json candidates[name]["kind"]: merged, gptq, rtn, ...), not
+by display name, which carries settings ("gptq 4-bit g128" and "gptq 4-bit g64" are both the gptq
+row); each row says which settings behind it differ from the first report's.
 """
 
 from __future__ import annotations
@@ -79,27 +83,52 @@ def compare(paths: list[Path]) -> dict:
 
 
 def compare_eval(name: str, reports: list[dict], labels: list[str]) -> dict:
+    """The rows of one eval set: every candidate of every report, grouped by kind (a GPTQ row of g128
+    and one of g64 are both `gptq`), each compared with the first report's row of its kind."""
     evs = {label: next((ev for ev in rep["evaluations"] if ev["eval"] == name), None) for label, rep in zip(labels, reports)}
     base = evs[labels[0]]
-    names = list(dict.fromkeys(n for ev in evs.values() if ev for n in ev["metrics"]))
+    by_kind = {label: {kind_of(rep, cand): cand for cand in ev["metrics"]} if ev else {} for label, rep, ev in zip(labels, reports, evs.values())}
+    kinds = list(dict.fromkeys(kind for label in labels for kind in by_kind[label]))
     rows = []
-    for cand in names:
+    for kind in kinds:
+        first = by_kind[labels[0]].get(kind)
         for label, rep in zip(labels, reports):
-            ev = evs[label]
-            if ev is None or cand not in ev["metrics"]:
+            cand = by_kind[label].get(kind)
+            if cand is None:
                 continue
-            m = ev["metrics"][cand]
-            row = {"candidate": cand, "report": label, "size_bytes": rep["candidates"].get(cand, {}).get("size_bytes"), **{k: m[k] for k in ROW_KEYS}}
-            if label != labels[0] and cand in base["metrics"]:
-                row["vs"] = difference(base, ev, cand)
+            m = evs[label]["metrics"][cand]
+            row = {"candidate": cand, "kind": kind, "report": label, "size_bytes": rep["candidates"].get(cand, {}).get("size_bytes"), **{k: m[k] for k in ROW_KEYS}}
+            if label != labels[0] and first is not None:
+                row["vs"] = difference(base, evs[label], first, cand)
+                row["settings_differ"] = settings_differ(reports[0], rep, kind)
             rows.append(row)
     streams = {label: (ev["windows_sha256"] == base["windows_sha256"]) if ev else None for label, ev in evs.items()}
     return {"eval": name, "same_token_stream": streams, "windows": {label: ev and ev["windows"] for label, ev in evs.items()}, "rows": rows}
 
 
-def difference(a_ev: dict, b_ev: dict, cand: str) -> dict:
-    """B − A for one candidate: paired on windows when the token streams are the same, else unpaired."""
-    a, b = a_ev["metrics"][cand], b_ev["metrics"][cand]
+def kind_of(report: dict, cand: str) -> str:
+    """A row's kind (report.json candidates[name]["kind"]); the display name for a row without one."""
+    return report["candidates"].get(cand, {}).get("kind", cand)
+
+
+GRID_KINDS = ("rtn", "gptq", "gptq-original")  # rows on the GPTQ grid: its settings matter to them
+
+
+def settings_differ(a: dict, b: dict, kind: str) -> list[str]:
+    """The settings behind a row of `kind` that differ between two reports, as "name A → B"."""
+    sections = [("nf4", a["settings"].get("nf4", {}), b["settings"].get("nf4", {}))]
+    if kind in GRID_KINDS:
+        sections.append(("gptq", a["settings"].get("gptq", {}), b["settings"].get("gptq", {})))
+    out = [f"{key} {sa.get(key)} → {sb.get(key)}" for _, sa, sb in sections for key in sorted(set(sa) | set(sb)) if sa.get(key) != sb.get(key) and key != "group_size_auto"]
+    if a["settings"].get("merged_dtype") != b["settings"].get("merged_dtype"):
+        out.append(f"merged_dtype {a['settings'].get('merged_dtype')} → {b['settings'].get('merged_dtype')}")
+    return out
+
+
+def difference(a_ev: dict, b_ev: dict, a_cand: str, b_cand: str) -> dict:
+    """B − A for one kind of candidate (its row `a_cand` in A, `b_cand` in B): paired on windows when the
+    token streams are the same, else unpaired."""
+    a, b = a_ev["metrics"][a_cand], b_ev["metrics"][b_cand]
     paired = a_ev["windows_sha256"] == b_ev["windows_sha256"] and _same_windows(a, b)
     out = {"test": "paired" if paired else "unpaired"}
     for stat, (mean, se, sums, _) in STATS.items():
@@ -107,10 +136,15 @@ def difference(a_ev: dict, b_ev: dict, cand: str) -> dict:
             diff = [y - x for x, y in zip(sums(a["per_window"]), sums(b["per_window"]))]
             d, d_se = window_mean(diff, a["per_window"]["tokens"])
         else:
-            d, d_se = b[mean] - a[mean], math.hypot(a[se], b[se])
-        z = d / d_se if d_se > 0 else None
+            d, d_se = b[mean] - a[mean], math.hypot(_number(a[se]), _number(b[se]))
+        z = d / d_se if d_se > 0 else None  # NaN > 0 is False: no z for an undefined SE
         out[stat] = {"diff": d, "se": d_se, "z": z, "significant": z is not None and abs(z) > Z_CRITICAL}
     return out
+
+
+def _number(value) -> float:
+    """A report's number; null (an undefined standard error, such as that of one window) as NaN."""
+    return float("nan") if value is None else value
 
 
 def _same_windows(a: dict, b: dict) -> bool:
@@ -147,7 +181,7 @@ def _streams(ev: dict) -> str:
     return "; ".join(said) + "."
 
 
-COLUMNS = ["candidate", "report", "size MB", "mean KLD ± SE", "PPL ratio", "top-1 agree ± SE", "Δ mean KLD (z)", "Δ ln PPL ratio (z)", "Δ top-1 (z)", "test"]
+COLUMNS = ["candidate", "report", "size MB", "mean KLD ± SE", "PPL ratio", "top-1 agree ± SE", "Δ mean KLD (z)", "Δ ln PPL ratio (z)", "Δ top-1 (z)", "settings vs first", "test"]
 
 
 def _table(ev: dict) -> str:
@@ -157,10 +191,15 @@ def _table(ev: dict) -> str:
         vs = r.get("vs")
         deltas = [_delta(vs[stat], fmt) if vs else "-" for stat, (_, _, _, fmt) in STATS.items()]
         rows.append([
-            r["candidate"], r["report"], size, f"{r['kld_mean']:.3e} ± {r['kld_mean_se']:.1e}", f"{r['ppl_ratio']:.5f}",
-            f"{100 * r['top1_agreement']:.2f}% ± {100 * r['top1_agreement_se']:.2f}", *deltas, vs["test"] if vs else "-",
+            r["candidate"], r["report"], size, f"{r['kld_mean']:.3e} ± {_se(r['kld_mean_se'], '.1e')}", f"{r['ppl_ratio']:.5f}",
+            f"{100 * r['top1_agreement']:.2f}% ± {_se(r['top1_agreement_se'], '.2f', 100)}", *deltas,
+            "; ".join(r.get("settings_differ") or []) or ("same" if vs else "-"), vs["test"] if vs else "-",
         ])
     return md_table(COLUMNS, rows)
+
+
+def _se(value, fmt: str, scale: float = 1) -> str:
+    return "n/a" if value is None else format(scale * value, fmt)
 
 
 def _delta(d: dict, fmt) -> str:
@@ -173,7 +212,7 @@ def html_page(result: dict) -> str:
     charts = []
     for ev in result["evaluations"]:
         colours = {r["label"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(result["reports"])}
-        rows = [Row(f"{r['candidate']} — {r['report']}", r["kld_mean"], r["kld_mean_se"], colours[r["report"]]) for r in ev["rows"]]
+        rows = [Row(f"{r['candidate']} — {r['report']}", r["kld_mean"], r["kld_mean_se"] or 0.0, colours[r["report"]]) for r in ev["rows"]]
         axis = Axis.fit([v for r in rows for v in (r.value - r.se, r.value + r.se)], log=True)
         charts.append(figure(dot_plot(rows, axis, "mean KLD ± SE (log scale)"), f"Mean KLD ± SE per candidate and report, eval <code>{escape(str(ev['eval']))}</code>."))
     return page("qmerge compare", markdown_to_html(markdown(result)) + "\n" + "\n".join(charts))

@@ -1,0 +1,39 @@
+"""The weights a GPTQ v1 checkpoint (format gptq, int32 packing) stores, as float32, read from its
+tensors rather than through a kernel: every kernel computes with these values in its own precision
+(Marlin in float16), so scoring them in float32 measures the checkpoint, not the arithmetic.
+
+Per layer: qweight (in·bits/32, out) and qzeros (groups, out·bits/32) hold codes packed
+little-endian into int32 words (3-bit codes straddle word boundaries), scales (groups, out) are
+float16, g_idx (in) maps each input row to its group; v1 stores each zero point minus one. The
+weight is scale · (code − zero), exact in float32 (a float16 scale times a small integer), the same
+value qmerge.quant.rtn writes for round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first `count` codes of `bits` bits packed along dim 0 of an int32 tensor, as int64 (count, cols)."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    words = torch.cat([words, torch.zeros_like(words[:1])])  # a code may end in the word after
+    start = torch.arange(count, device=packed.device) * bits
+    index, offset = start // 32, start % 32
+    both = words[index] | (words[index + 1] << 32)  # the low bits a code can span are unaffected by the sign
+    return (both >> offset[:, None]) & ((1 << bits) - 1)
+
+
+def dequantize(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """The (out, in) float32 weight of one GPTQ v1 layer from its qweight, qzeros, scales and g_idx."""
+    scales, g_idx = tensors["scales"].float(), tensors["g_idx"].long()
+    codes = unpack(tensors["qweight"], bits, g_idx.numel())  # (in, out)
+    zeros = unpack(tensors["qzeros"].T, bits, scales.shape[1]).T + 1  # (groups, out); v1 stores zero − 1
+    return ((codes - zeros[g_idx]).float() * scales[g_idx]).T.contiguous()
+
+
+def layer_tensors(checkpoint, name: str) -> dict[str, torch.Tensor]:
+    """One quantized layer's tensors from a LazyCheckpoint of a GPTQ checkpoint."""
+    return {s: checkpoint.get(f"{name}.{s}") for s in SUFFIXES}

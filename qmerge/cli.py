@@ -147,7 +147,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
         from qmerge import demo
 
         base, adapter = demo.prepare_inputs(echo=True)
-        values.update(base=str(base), adapter=str(adapter))
+        values = {**demo.recorded_settings(adapter), **values, "base": str(base), "adapter": str(adapter)}
     result = api.run(overwrite=args.overwrite, resume=args.resume, verbose=args.verbose, progress=True, **values)
     return result.summary()
 

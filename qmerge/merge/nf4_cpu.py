@@ -106,19 +106,19 @@ def quantize(weight: torch.Tensor, blocksize: int, quant_type: str = "nf4", doub
     flat = weight.detach().reshape(-1)
     full = flat.numel() // blocksize * blocksize
     absmax = _block_absmax(flat[:full], blocksize)
+    if full < flat.numel():  # a partial last block: its absmax is stored clamped, and divides
+        absmax = torch.cat([absmax, flat[full:].float().abs().amax(0, keepdim=True).clamp(min=1e-38)])
+    if not torch.isfinite(absmax).all():
+        raise NonFinite("NaN or Inf among the weights")
     codes = torch.empty(flat.numel(), dtype=torch.uint8)
-    reciprocal = 1.0 / absmax.clamp(min=1e-38)
+    reciprocal = 1.0 / absmax[: full // blocksize].clamp(min=1e-38)
     step = max(1, CHUNK // blocksize) * blocksize
     for start in range(0, full, step):
         end = min(start + step, full)
         x = flat[start:end].float().view(-1, blocksize) * reciprocal[start // blocksize : end // blocksize, None]
         codes[start:end] = _codes(x.view(-1), quant_type)
-    if full < flat.numel():  # the partial last block: its absmax is stored clamped, and divides
-        rest = flat[full:].float()
-        absmax = torch.cat([absmax, rest.abs().amax(0, keepdim=True).clamp(min=1e-38)])
-        codes[full:] = _codes(torch.clamp(rest / absmax[-1], -1, 1), quant_type)
-    if not torch.isfinite(absmax).all():
-        raise NonFinite("NaN or Inf among the weights")
+    if full < flat.numel():
+        codes[full:] = _codes(torch.clamp(flat[full:].float() / absmax[-1], -1, 1), quant_type)
     nested = _double_quantize(absmax) if double_quant else None
     return Quantized(codes, absmax, weight.shape, weight.dtype, blocksize, quant_type, nested)
 

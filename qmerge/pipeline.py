@@ -27,6 +27,7 @@ from qmerge.io.manifests import StageCommitter, key_of
 from qmerge.io.memory import PeakRSS, release
 from qmerge.merge.streaming import merge
 from qmerge.models.device import device_info
+from qmerge.models.precision import describe
 from qmerge.models.reference import load_reference
 from qmerge.prepare import EvalSet, Prepared, effective, inputs_record, prepare
 from qmerge.quant.gptq import quantize, read_quant_log
@@ -124,7 +125,8 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
 
 def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool) -> list[Stage]:
     """The stages this run needs, in order: each one's key includes the keys of those it reads."""
-    common = {"qmerge": VERSION, "device": p.device.type, "nf4": asdict(settings.nf4)}
+    # "arithmetic": without native bf16, GPTQ and the noise floor compute in float32 (qmerge.models.precision)
+    common = {"qmerge": VERSION, "device": p.device.type, "arithmetic": describe(torch.bfloat16, p.device), "nf4": asdict(settings.nf4)}
     hashes = {"base": inputs["base"]["sha256"], "adapter": inputs["adapter"]["sha256"], **common}
     calibration = key_of(windows=sorted(text.window_hashes(p.calibration)))
     kinds = settings.evaluated

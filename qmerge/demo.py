@@ -24,7 +24,7 @@ from tqdm import tqdm
 from qmerge.errors import QmergeError
 from qmerge.io.atomic import building
 from qmerge.io.corpus import cache_dir, stdlib_part
-from qmerge.io.dtypes import torch_dtype
+from qmerge.io.dtypes import dtype_name, torch_dtype
 from qmerge.io.text import token_windows
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,7 +90,6 @@ def train_adapter(base: Path, directory: Path, echo: bool) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qmerge.io.dtypes import dtype_name
     from qmerge.merge.nf4 import bnb_config
     from qmerge.models.device import pick_device
     from qmerge.models.precision import training_dtype

@@ -16,6 +16,7 @@ merge's process time includes them, as bench_pipeline.py reports it.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -56,16 +57,17 @@ def stage_child(variant: str, base: str, adapter: str, out: str) -> None:
     benchlib.report({"merge_s": merged - start, "verify_s": time.perf_counter() - merged, "round_trip_s": spent["s"], "weights": spent["weights"]})
 
 
-def measure(base: Path, adapter: Path, work: Path, reps: int) -> dict[str, list[benchlib.Measured]]:
+def measure(base: Path, adapter: Path, work: Path, reps: int, env: dict) -> dict[str, list[benchlib.Measured]]:
     runs: dict[str, list[benchlib.Measured]] = {"usual": [], "before": [], "after": []}
     usual_args = dict(base=str(base), adapter=str(adapter), device="cpu", out=str(work / "usual"))
     for rep in range(reps):
         order = ("usual", "before", "after") if rep % 2 == 0 else ("after", "before", "usual")
         for variant in order:
             if variant == "usual":
-                runs[variant].append(bench_pipeline.run_step("merge", usual_args))
+                argv = [*benchlib.python(), bench_pipeline.__file__, "child", "merge", json.dumps(usual_args)]
             else:
-                runs[variant].append(benchlib.run_child([*benchlib.python(), __file__, "stage", variant, str(base), str(adapter), str(work / variant)]))
+                argv = [*benchlib.python(), __file__, "stage", variant, str(base), str(adapter), str(work / variant)]
+            runs[variant].append(benchlib.run_child(argv, env=env))
             shutil.rmtree(work / variant, ignore_errors=True)
             print(f"rep {rep} {variant}: {runs[variant][-1].wall_s:.1f} s {runs[variant][-1].result}", flush=True)
     return runs
@@ -87,8 +89,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qmerge-bench-nf4"))
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every child (on a shared machine, 1 keeps the comparison fair)")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args()
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     demo_base, demo_adapter = bench_pipeline._demo_inputs()
@@ -96,12 +100,13 @@ def main() -> None:
     table = []
     with benchlib.LoadSampler() as load:
         for name, base, adapter in (("demo (SmolLM2-135M)", demo_base, demo_adapter), (f"random {SCALING_POINT} (203M)", random_base, random_adapter)):
-            table += rows(name, measure(base, adapter, args.work, args.reps))
+            table += rows(name, measure(base, adapter, args.work, args.reps, env))
     shutil.rmtree(args.work, ignore_errors=True)
     header = ["model", "what", "stage s (median)", "round trip s", "M weights/s", "/ usual"]
     text = (
         f"Machine: {benchlib.machine()}. {load.summary()}; the cores are shared with other engineers' work, so wall times "
-        f"carry that noise. {args.reps} repetitions alternating the order, medians; stage times after imports.\n\n"
+        f"carry that noise. {args.reps} repetitions alternating the order, medians; stage times after imports"
+        f"{f'; every process on {args.threads} thread(s) (OMP_NUM_THREADS)' if args.threads else ''}.\n\n"
         f"{benchlib.markdown_table(header, table)}"
     )
     print(text)

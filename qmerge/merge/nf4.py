@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from qmerge.io.dtypes import torch_dtype
+from qmerge.merge import nf4_cpu
 from qmerge.settings import NF4Settings
 
 
@@ -45,11 +46,10 @@ def quantized_linear_names(config: AutoConfig, nf4: NF4Settings, trust_remote_co
 
 def round_trip(weight: torch.Tensor, nf4: NF4Settings, device: torch.device) -> torch.Tensor:
     """dequantize(quantize_4bit(W)) as float32 on `device`: bitsandbytes' own kernels on a GPU, its
-    CPU arithmetic reproduced bit for bit on the CPU (qmerge.merge.nf4_cpu, ~10× faster), except for
-    rows that are not a whole number of blocks, where bitsandbytes' CPU kernel reads its scales per row
-    (its flat blocks elsewhere): what the reference and verify compute with on the same CPU."""
-    from qmerge.merge import nf4_cpu
-
+    CPU arithmetic reproduced bit for bit on the CPU (qmerge.merge.nf4_cpu, ~10× faster). A weight
+    whose rows are not whole blocks stays with bitsandbytes: its CPU kernel on AVX-512 reads the
+    scales of such rows per row rather than per flat block, and the merge must hold what the
+    reference and verify compute with on the same CPU."""
     if device.type == "cpu" and weight.shape[-1] % nf4.blocksize == 0:
         try:
             return nf4_cpu.round_trip(weight, nf4.blocksize, nf4.quant_type, nf4.double_quant, torch.float32)

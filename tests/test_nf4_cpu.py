@@ -67,7 +67,7 @@ def cases(draw):
     return weight.to(dtype), blocksize, draw(st.sampled_from(["nf4", "fp4"])), draw(st.booleans()), storage
 
 
-@pytest.mark.parametrize("count", examples(quick=15, full=150))
+@pytest.mark.parametrize("count", examples(quick=10, full=150))
 def test_bit_identical_to_bitsandbytes(count):
     @settings(max_examples=count, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
     @given(cases())

@@ -68,7 +68,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
         from qmerge import demo
 
         base, adapter = demo.prepare_inputs(echo=not args.quiet)
-        values.update(base=str(base), adapter=str(adapter))
+        values = {**demo.recorded_settings(adapter), **values, "base": str(base), "adapter": str(adapter)}
     result = api.run(overwrite=args.overwrite, resume=args.resume, verbose=args.verbose, progress=not args.quiet, push_to=args.push_to, private=args.private, **values)
     return result.summary()
 

@@ -5,11 +5,17 @@ transformers' GGUF loader and saved once as bf16 safetensors. Adapter: a short s
 (r 16, all linear layers, NF4 base with bf16 compute, as the QLoRA recipe) on the train part of the
 standard-library docstring corpus, whose calibration and eval parts the run then uses. Both are cached
 under $QMERGE_CACHE (default ~/.cache/qmerge) and rebuilt only when missing.
+
+On a machine without native bf16 arithmetic (qmerge.models.precision) the fine-tune computes in
+float32 instead: bf16 there runs in generic kernels, minutes per step. The 4-bit base is the same, so
+it is as valid a QLoRA adapter; TRAINING_FILE beside it records the compute dtype it was trained
+with, which the demo run then takes as its --compute-dtype (a float32 training has no noise floor).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -17,11 +23,13 @@ import torch
 from qmerge.errors import QmergeError
 from qmerge.io.atomic import building
 from qmerge.io.corpus import cache_dir, stdlib_part
+from qmerge.io.dtypes import dtype_name, torch_dtype
 from qmerge.io.progress import Progress, track
 from qmerge.io.text import token_windows
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN = dict(r=16, lora_alpha=32, steps=40, batch=4, seq_len=256, lr=2e-3, seed=0)
+TRAINING_FILE = "qmerge_training.json"  # beside the adapter: a file PEFT does not read (it warns about unknown config keys)
 
 
 def gguf_path() -> Path:
@@ -35,8 +43,15 @@ def gguf_path() -> Path:
 def prepare_inputs(echo: bool = True) -> tuple[Path, Path]:
     """(base dir, adapter dir) for the demo, built on first use."""
     base = _cached(cache_dir() / "smollm2-135m-instruct-bf16", lambda d: _write_base(d, echo), "base: SmolLM2-135M-Instruct GGUF → bf16 safetensors", echo)
-    adapter = _cached(cache_dir() / "smollm2-demo-qlora", lambda d: _train_adapter(base, d, echo), "adapter: seeded QLoRA fine-tune", echo)
+    adapter = _cached(cache_dir() / "smollm2-demo-qlora", lambda d: train_adapter(base, d, echo), "adapter: seeded QLoRA fine-tune", echo)
     return base, adapter
+
+
+def recorded_settings(adapter: Path) -> dict:
+    """The run settings the demo adapter's training fixes: its compute dtype (bf16 when absent: an
+    adapter cached before the file existed was trained in bf16)."""
+    path = adapter / TRAINING_FILE
+    return {"compute_dtype": json.loads(path.read_text())["compute_dtype"] if path.exists() else "bfloat16"}
 
 
 def _cached(directory: Path, build, what: str, echo: bool) -> Path:
@@ -79,18 +94,21 @@ def _write_base(directory: Path, echo: bool = True) -> None:
         bar.update()
 
 
-def _train_adapter(base: Path, directory: Path, echo: bool) -> None:
+def train_adapter(base: Path, directory: Path, echo: bool) -> None:
     """QLoRA exactly as users run it: bitsandbytes NF4 load, PEFT LoRA on all linear layers."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qmerge.merge.nf4 import bnb_config
+    from qmerge.models.device import pick_device
+    from qmerge.models.precision import training_dtype
     from qmerge.settings import NF4Settings
 
     torch.manual_seed(TRAIN["seed"])
     tokenizer = AutoTokenizer.from_pretrained(base)
     windows = token_windows(stdlib_part("train"), tokenizer, TRAIN["seq_len"], TRAIN["steps"] * TRAIN["batch"], "demo train")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=bnb_config(NF4Settings()))
+    dtype = dtype_name(training_dtype(pick_device("auto")))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype(dtype), quantization_config=bnb_config(NF4Settings(compute_dtype=dtype)))
     model = get_peft_model(model, LoraConfig(r=TRAIN["r"], lora_alpha=TRAIN["lora_alpha"], lora_dropout=0.0, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TRAIN["lr"])
     model.train()
@@ -101,3 +119,4 @@ def _train_adapter(base: Path, directory: Path, echo: bool) -> None:
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(directory)
+    (directory / TRAINING_FILE).write_text(json.dumps({"compute_dtype": dtype}) + "\n")

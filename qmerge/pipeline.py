@@ -28,6 +28,7 @@ from qmerge.io.manifests import StageCommitter, key_of
 from qmerge.io.memory import PeakRSS, release
 from qmerge.merge.streaming import merge
 from qmerge.models.device import device_info
+from qmerge.models.precision import describe
 from qmerge.models.reference import load_reference
 from qmerge.prepare import EvalSet, Prepared, effective, inputs_record, prepare
 from qmerge.quant.gptq import quantize, read_quant_log
@@ -143,8 +144,9 @@ def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose
 
 def common_parts(settings: RunSettings, device: torch.device) -> dict:
     """What every stage's key holds: qmerge's version, the library versions (an upgraded stack may
-    produce other outputs), the device type and the 4-bit settings."""
-    return {"qmerge": VERSION, "versions": library_versions(), "device": device.type, "nf4": asdict(settings.nf4)}
+    produce other outputs), the device type and its arithmetic, and the 4-bit settings."""
+    # "arithmetic": without native bf16, GPTQ and the noise floor compute in float32 (qmerge.models.precision)
+    return {"qmerge": VERSION, "versions": library_versions(), "device": device.type, "arithmetic": describe(torch.bfloat16, device), "nf4": asdict(settings.nf4)}
 
 
 def calibration_key(windows: torch.Tensor) -> str:

@@ -33,16 +33,21 @@ def by_kind(rep: dict) -> dict[str, dict]:
     return {c["kind"]: {**metrics[name], **c} for name, c in rep["candidates"].items()}
 
 
+def floor_row(rep: dict) -> set[str]:
+    """The demo adapter trains in float32 on a CPU without native bf16 (then no noise floor), in bf16 elsewhere."""
+    return {"noise-floor"} if rep["settings"]["nf4"]["compute_dtype"] == "bfloat16" else set()
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, cache):
     rep = demo(tmp_path / "demo", cache, *SMALL)
     m = by_kind(rep)
-    merged, gptq, floor, original = m["merged"], m["gptq"], m["noise-floor"], m["original"]
-    assert rep["final"] == "gptq 4-bit g64" and set(m) == {"merged", "original", "peft-nf4", "rtn", "gptq", "base", "noise-floor"}
+    merged, gptq, original = m["merged"], m["gptq"], m["original"]
+    assert rep["final"] == "gptq 4-bit g64" and set(m) == {"merged", "original", "peft-nf4", "rtn", "gptq", "base", *floor_row(rep)}
     # the NF4 merge stored in bf16 stays within the issue's bound of the model as trained ...
     assert merged["kld_mean"] <= 1e-3 and merged["top1_agreement"] >= 0.97, merged
     # ... and GPTQ 4-bit costs clearly more than the merge, and than bf16 compute does
-    assert gptq["kld_mean"] > 5 * merged["kld_mean"] and gptq["kld_mean"] > floor["kld_mean"], (gptq, merged, floor)
+    assert gptq["kld_mean"] > 5 * merged["kld_mean"] and gptq["kld_mean"] > m.get("noise-floor", {"kld_mean": 0})["kld_mean"], (gptq, merged)
     assert 0.9 < gptq["ppl_ratio"] < 1.5
     # merging into the original 16-bit weights drifts far more than the NF4 merge (the point of qmerge)
     assert original["kld_mean"] > 10 * merged["kld_mean"], (original, merged)
@@ -64,6 +69,6 @@ def test_demo_gptq_beats_rtn_at_3_bits(tmp_path, cache):
     """Only the two rows on the 3-bit grid, on fewer windows: the cheapest run that shows it."""
     rep = demo(tmp_path / "demo3", cache, "--bits", "3", "--candidates", "rtn,gptq", "--calibration-samples", "16", "--eval-samples", "4", "--seq-len", "256")
     m = by_kind(rep)
-    assert set(m) == {"rtn", "gptq", "noise-floor"} and rep["final"] == "gptq 3-bit g64"
+    assert set(m) == {"rtn", "gptq", *floor_row(rep)} and rep["final"] == "gptq 3-bit g64"
     assert m["gptq"]["kld_mean"] < m["rtn"]["kld_mean"], (m["gptq"], m["rtn"])
     assert m["rtn"]["size_bytes"] == m["gptq"]["size_bytes"] and 3.3 < m["gptq"]["bits_per_weight"] < 3.4

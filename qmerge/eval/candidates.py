@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from qmerge.eval.drift import NOISE_FLOOR
+from qmerge.io.dtypes import torch_dtype
 from qmerge.merge.adapter import Mix
 from qmerge.models.base import dequantized
 from qmerge.io.inputs import resolve
 from qmerge.models.checkpoints import candidate_dtype, is_quantized, load_baseline, load_candidate
+from qmerge.models.precision import describe as arithmetic
 from qmerge.models.reference import peft_nf4
 from qmerge.quant import rtn, sizes
 from qmerge.quant.gptq_float import load_float32, stores_gptq_v1
@@ -124,11 +126,13 @@ def describe(kind: str, tensors: dict[str, int] | None, src: Sources) -> dict:
     """The report's entry for one candidate, from the bytes per tensor of its format (None: no checkpoint)."""
     size, bpw = sizes.summary(tensors, src.linears) if tensors is not None else (None, None)
     path = path_of(kind, src)
+    dtype = compute_dtype(kind, src)
     return {
         "kind": "checkpoint" if kind.startswith(CHECKPOINT) else kind,
         "context": kind in CONTEXT,
         "path": str(path) if path is not None else None,
-        "compute_dtype": compute_dtype(kind, src),
+        "compute_dtype": dtype,
+        "arithmetic": arithmetic(torch_dtype(dtype), src.device),  # "emulated": float32 with the dtype's roundings
         "size_bytes": size,
         "bits_per_weight": None if kind in CONTEXT else bpw,
     }

@@ -3,7 +3,8 @@ bitsandbytes, adapter unmerged via PEFT), on one shared token stream.
 
 Every model computes in float32, so the numbers measure weights rather than arithmetic. The
 training-time compute dtype (bf16 by default) is measured separately as the noise floor: the same
-reference with its 4-bit layers computing in that dtype.
+reference with its 4-bit layers computing in that dtype (emulated in float32 where the device has no
+native bf16, qmerge.models.precision).
 
 Memory: candidates are built and scored one at a time, each against a fresh forward of the
 reference, so only the reference (4-bit) and one candidate are ever resident; a float checkpoint
@@ -27,7 +28,7 @@ from qmerge.eval.metrics import compare, kld_histogram, per_window, summarize
 from qmerge.io.dtypes import torch_dtype
 from qmerge.io.memory import release
 from qmerge.io.progress import Progress
-from qmerge.models.base import set_4bit_compute_dtype
+from qmerge.models.precision import computing_in
 
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
 
@@ -83,9 +84,8 @@ class Tally:
         check_finite(ref_out.logits, "the reference (QLoRA as trained)", start)
         for name, model in models.items():  # one model's outputs alive at a time: 100 MB of logits each for SmolLM2
             if model is None:
-                set_4bit_compute_dtype(reference, floor_dtype)
-                out = reference(input_ids=inputs, output_hidden_states=True)
-                set_4bit_compute_dtype(reference, torch.float32)
+                with computing_in(reference, floor_dtype):  # emulated in float32 where the device lacks the dtype
+                    out = reference(input_ids=inputs, output_hidden_states=True)
             else:
                 out = model(input_ids=inputs, output_hidden_states=True)
             check_finite(out.logits, f"candidate {name!r}", start)

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from qmerge.io.dtypes import torch_dtype
+from qmerge.merge import nf4_cpu
 from qmerge.settings import NF4Settings
 
 
@@ -60,10 +61,22 @@ def as_computed(exact: torch.Tensor, compute_dtype: str) -> torch.Tensor:
 
 
 def exact_round_trip(weight: torch.Tensor, nf4: NF4Settings, device: torch.device) -> torch.Tensor:
-    """dequantize(quantize_4bit(W)) with bitsandbytes' own kernels, exact (code × absmax), as float32 on `device`."""
+    """dequantize(quantize_4bit(W)), exact (code × absmax), as float32 on `device`: bitsandbytes' own
+    kernels on a GPU, its CPU arithmetic reproduced bit for bit on the CPU (qmerge.merge.nf4_cpu, ~10×
+    faster). A weight whose rows are not whole blocks stays with bitsandbytes: its CPU kernel on
+    AVX-512 reads the scales of such rows per row rather than per flat block, and the merge must hold
+    what the reference and verify compute with on the same CPU."""
+    if device.type == "cpu" and weight.shape[-1] % nf4.blocksize == 0:
+        try:
+            return nf4_cpu.round_trip(weight, nf4.blocksize, nf4.quant_type, nf4.double_quant, torch.float32)
+        except nf4_cpu.NonFinite:
+            pass  # NaN or Inf weights: whatever bitsandbytes makes of them
+    return _bitsandbytes_round_trip(weight.to(device=device, dtype=torch.float32), nf4)
+
+
+def _bitsandbytes_round_trip(w: torch.Tensor, nf4: NF4Settings) -> torch.Tensor:
     import bitsandbytes.functional as F
 
-    w = weight.to(device=device, dtype=torch.float32)
     packed, state = F.quantize_4bit(
         w,
         blocksize=nf4.blocksize,

@@ -92,12 +92,3 @@ def dequantized(model: torch.nn.Module) -> torch.nn.Module:
             model.set_submodule(name, linear)
     return model
 
-
-def set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """The dtype every bitsandbytes 4-bit layer computes in (the noise floor runs the reference in the
-    training compute dtype)."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.compute_dtype = dtype

@@ -7,6 +7,7 @@ import platform
 import torch
 
 from qmerge.errors import QmergeError
+from qmerge.models.precision import describe
 
 
 def pick_device(name: str) -> torch.device:
@@ -19,7 +20,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "platform": platform.platform(), "python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
+    info = {"device": str(device), "platform": platform.platform(), "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "bf16": describe(torch.bfloat16, device)}  # "emulated": GPTQ and the noise floor computed in float32
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

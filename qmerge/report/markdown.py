@@ -114,6 +114,20 @@ def verified(report: dict) -> str:
     )
 
 
+def noise_floor_words(report: dict) -> str:
+    """What the noise-floor row is, and whether this machine computed it natively or emulated it."""
+    floor = next((c for c in report["candidates"].values() if c["kind"] == "noise-floor"), None)
+    if floor is None:
+        plain = report.get("reference", {}).get("kind") == "lora"
+        return "No noise-floor row: " + ("a plain LoRA's reference has no 4-bit layers." if plain else "the training compute dtype is float32, as the reference's.")
+    words = (f"The noise-floor row is the reference itself with its 4-bit layers computing in the training compute dtype "
+             f"({floor['compute_dtype']}): drift below it is below what the training run's own arithmetic moved.")
+    if floor.get("arithmetic") == "emulated":
+        words += (f" This device has no native {floor['compute_dtype']} arithmetic, so it was emulated: float32 products of "
+                  f"{floor['compute_dtype']}-rounded inputs, weights and biases, the output rounded to {floor['compute_dtype']}.")
+    return words
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     stages = "\n".join(
@@ -144,8 +158,7 @@ GPTQ v1 checkpoint of the same grid). Bits/weight = 8 × bytes of the linear lay
 Δp = p(actual next token) under the model − under the reference; bits per byte = total NLL in bits
 over the UTF-8 bytes of the scored text (tokenizer-independent).
 
-The noise-floor row is the reference itself with its 4-bit layers computing in the training
-compute dtype ({s['nf4']['compute_dtype']}): drift below it is below what the training run's own arithmetic moved.
+{noise_floor_words(report)}
 
 ## Where the error enters (eval set `{report['evaluations'][0]['eval']}`)
 

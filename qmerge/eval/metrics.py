@@ -9,6 +9,7 @@ small-sample factor), which is wider and honest where a per-token SE would be to
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -68,7 +69,23 @@ def token_stats(ref: ReferenceStats, lp: torch.Tensor) -> TokenStats:
     )
 
 
-POSITIONS = 64  # per chunk in `compare`: (64, V) float64 temporaries, 25 MB at a 49k vocabulary
+POSITIONS = 64  # per chunk of metric math: (64, V) float64 temporaries, 25 MB at a 49k vocabulary
+
+
+def spans(batch: int, length: int, positions: int = POSITIONS) -> Iterator[tuple[int, slice]]:
+    """(window in the batch, span of positions): the chunks metric math runs on, in (B, T) order."""
+    for b in range(batch):
+        for start in range(0, length, positions):
+            yield b, slice(start, start + positions)
+
+
+def chunk_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+    """token_stats of one chunk of positions: logits (1, P, V) of the reference and a candidate."""
+    return token_stats(reference_stats(log_probs(ref_logits), targets), log_probs(logits))
+
+
+def concat(parts: list[TokenStats]) -> TokenStats:
+    return TokenStats(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TokenStats)})
 
 
 def compare(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, positions: int = POSITIONS) -> TokenStats:
@@ -76,13 +93,8 @@ def compare(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tenso
     time, flattened in (B, T) order. Whole, one 512-token window of a 49k vocabulary would make five
     200 MB float64 tensors (both log-probabilities, the reference's probabilities, their difference
     and product); chunked, the metric math holds a few MB whatever the window length."""
-    parts = []
-    for b in range(targets.shape[0]):
-        for start in range(0, targets.shape[1], positions):
-            span = slice(start, start + positions)
-            ref = reference_stats(log_probs(ref_logits[b : b + 1, span]), targets[b : b + 1, span])
-            parts.append(token_stats(ref, log_probs(logits[b : b + 1, span])))
-    return TokenStats(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TokenStats)})
+    parts = [chunk_stats(ref_logits[b : b + 1, span], logits[b : b + 1, span], targets[b : b + 1, span]) for b, span in spans(*targets.shape, positions)]
+    return concat(parts)
 
 
 def _top5(lp: torch.Tensor) -> torch.Tensor:

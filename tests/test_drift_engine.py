@@ -70,3 +70,32 @@ def test_taps_give_transformers_hidden_states_and_chunked_logits(tiny_base):
     assert sorted(seen) == list(range(model.config.num_hidden_layers))
     assert all(torch.equal(seen[i], own.hidden_states[i + 1]) for i in seen)
     assert torch.allclose(chunk, own.logits[:, 8:8 + POSITIONS], rtol=1e-5, atol=1e-5)
+
+
+def test_candidates_built_in_memory_stay_in_storage_precision(reference, tiny_base, tiny_adapter, tiny_run):
+    """"original" is the streamed merge into the original weights (DIR/merged-original) exactly, held
+    in bf16; "base" in bf16; "rtn" as int8 levels with the products of its float32 rounding;
+    "peft-nf4" in 4-bit bitsandbytes layers."""
+    import bitsandbytes as bnb
+
+    from qmerge.eval import candidates
+    from qmerge.quant import rtn
+    from qmerge.settings import GPTQSettings
+    from test_drift import linear_shapes
+
+    gptq = GPTQSettings(group_size=32)
+    src = candidates.Sources(tiny_run.out, tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), gptq, "bfloat16", linear_shapes(tiny_run.merged), CPU)
+    ids = eval_windows(tiny_base)[:2, :-1]
+    built = {kind: candidates.build(kind, src, reference)[0] for kind in ("original", "base", "rtn", "peft-nf4")}
+    stream_merged = load_candidate(tiny_run.out / "merged-original", CPU)
+    rounded = AutoModelForCausalLM.from_pretrained(tiny_run.merged, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        for name in linear_shapes(tiny_run.merged):
+            lin = rounded.get_submodule(name)
+            lin.weight.copy_(rtn.fake_quantize(lin.weight, gptq))
+        assert torch.equal(built["original"](input_ids=ids).logits, stream_merged(input_ids=ids).logits)
+        assert torch.equal(built["rtn"](input_ids=ids).logits, rounded(input_ids=ids).logits)
+    q = "model.layers.0.self_attn.q_proj"
+    assert built["original"].get_submodule(q).weight.dtype == built["base"].get_submodule(q).weight.dtype == torch.bfloat16
+    assert built["rtn"].get_submodule(q).levels.dtype == torch.int8
+    assert isinstance(built["peft-nf4"].get_submodule(q), bnb.nn.Linear4bit)

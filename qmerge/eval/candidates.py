@@ -20,7 +20,6 @@ import torch
 
 from qmerge.eval.drift import NOISE_FLOOR
 from qmerge.merge.adapter import Mix
-from qmerge.models.base import dequantized
 from qmerge.models.checkpoints import candidate_dtype, load_baseline, load_candidate
 from qmerge.models.reference import peft_nf4
 from qmerge.quant import rtn, sizes
@@ -83,9 +82,8 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
         model = rtn.apply(load_candidate(src.out / "merged", src.device, remote), linears, src.gptq)
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
-        model = peft_nf4(reference)
-        layout = sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
-        return dequantized(model), layout
+        model = peft_nf4(reference)  # held in 4-bit, dequantized layer by layer as it runs
+        return model, sizes.with_linears(merged, linears, sizes.state_tensors(model, linears))
     model = load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)
     return model, merged  # "original": the same tensors and dtype as DIR/merged
 

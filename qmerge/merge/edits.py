@@ -129,13 +129,18 @@ def _without_copies(adapter: Adapter, base: Source, aliases: dict[str, str]) -> 
 
 
 @torch.no_grad()
-def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device) -> None:
+def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device, dtype: torch.dtype | None = None) -> None:
     """The mix merged into a loaded model's own weights (the "merged into original" baseline), with
-    the same edits and tie rule as a merge into the NF4 base."""
+    the same edits and tie rule as a merge into the NF4 base; each edited tensor computed in float32
+    and, with `dtype`, rounded to it at once, so no float32 copy of the model ever exists."""
     edits = Edits(mix, tie_of(model))
+
+    def stored(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, dtype) if dtype is not None and tensor.is_floating_point() else tensor.to(device)
+
     for key in edits.keys():
         param = model.get_parameter(key)
-        param.data = edits.apply(key, param.data, device)
+        param.data = stored(edits.apply(key, param.data, device))
     for key, tensor in edits.extra_tensors():
-        model.get_submodule(key.rpartition(".")[0]).weight = torch.nn.Parameter(tensor.to(device), requires_grad=False)
+        model.get_submodule(key.rpartition(".")[0]).weight = torch.nn.Parameter(stored(tensor), requires_grad=False)
         model.config.tie_word_embeddings = False

@@ -13,7 +13,7 @@ from qmerge.io.dtypes import torch_dtype
 from qmerge.merge.adapter import Mix
 from qmerge.merge.edits import apply_to_model
 from qmerge.models.base import load_base
-from qmerge.models.float32 import float32_compute
+from qmerge.models.float32 import float32_compute, round_stored
 
 
 def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
@@ -26,7 +26,7 @@ def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = F
     """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config); a
     float checkpoint in its stored dtype, computing in float32 (see float32_compute)."""
     load = dict(device_map={"": device}, trust_remote_code=trust_remote_code)
-    if _quantized(path):
+    if _quantized(path):  # GPTQ (a pre-quantized bitsandbytes base goes through load_base)
         return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), **load).eval()
     return float32_compute(AutoModelForCausalLM.from_pretrained(path, dtype="auto", **load)).eval()
 
@@ -37,11 +37,18 @@ def _quantized(path: Path) -> bool:
 
 def load_baseline(kind: str, base_dir: Path, mix: Mix, device: torch.device, trust_remote_code: bool = False, store_dtype: str | None = None):
     """Built in memory: "original" adds the adapter to the original 16-bit weights (what most merge
-    tools do), rounded to `store_dtype` as a merged checkpoint stores it; "base" is the base model
-    without the adapter (context: how far the fine-tune itself moved the model)."""
-    model = load_base(base_dir, None, device, "lora", trust_remote_code)  # a pre-quantized base has no "original" row
+    tools do), each edited tensor rounded to `store_dtype` as a merged checkpoint stores it; "base" is
+    the base model without the adapter (context: how far the fine-tune itself moved the model). Both
+    held in the base's stored precision and computing in float32 (a pre-quantized base as stored, in
+    4-bit: it has no "original" row)."""
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    if config.get("quantization_config"):
+        return load_base(base_dir, None, device, "lora", trust_remote_code).eval()
+    model = load_candidate(base_dir, device, trust_remote_code)
     if kind == "original":
-        apply_to_model(model, mix, device)
-        if store_dtype is not None:
-            model = float32_compute(model.to(torch_dtype(store_dtype)))
-    return model.eval()
+        dtype = torch_dtype(store_dtype) if store_dtype is not None else None
+        apply_to_model(model, mix, device, dtype)
+        if dtype is not None:
+            round_stored(model, dtype)
+    return model
+

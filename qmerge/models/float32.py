@@ -35,3 +35,15 @@ def float32_compute(model: torch.nn.Module) -> torch.nn.Module:
             if buf.is_floating_point():
                 module._buffers[name] = buf.float()  # in place of the entry: persistence unchanged
     return model
+
+
+@torch.no_grad()
+def round_stored(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter of a float32_compute model rounded to `dtype`, as a checkpoint of that dtype
+    stores it: the weights it upcasts per use are held in `dtype`, the small tensors stay float32
+    holding the rounded values."""
+    for module in model.modules():
+        held = {"weight"} if isinstance(module, (_Float32Linear, _Float32Embedding)) else set()
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype) if name in held else param.data.to(dtype).float()

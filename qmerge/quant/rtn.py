@@ -25,25 +25,53 @@ def quantizer(gptq: GPTQSettings):
     return q
 
 
-def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:
-    """The (out, in) weight rounded group by group to the GPTQ grid, as float32."""
+def levels_and_scales(weight: torch.Tensor, gptq: GPTQSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out, in) weight rounded group by group to the GPTQ grid: integer levels (q − zero)
+    and each group's scale as the checkpoint stores it (float16), shape (out, groups)."""
     q = quantizer(gptq)
     w = weight.detach().float()
-    out = torch.empty_like(w)
     step = w.shape[1] if gptq.group_size == -1 else gptq.group_size
+    levels = torch.empty(w.shape, dtype=torch.int8 if gptq.bits < 8 else torch.int16, device=w.device)  # 8-bit asymmetric levels reach ±255
+    scales = []
     for start in range(0, w.shape[1], step):
         group = w[:, start : start + step]
         q.find_params(group, weight=True)
-        levels = torch.round(q.quantize(group) / q.scale)  # integer q − zero, exactly
-        out[:, start : start + step] = levels * q.scale.half().float()
-    return out
+        levels[:, start : start + step] = torch.round(q.quantize(group) / q.scale).to(torch.int8)  # integer q − zero, exactly
+        scales.append(q.scale.half().reshape(-1, 1))
+    return levels, torch.cat(scales, dim=1)
+
+
+def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:
+    """The (out, in) weight rounded group by group to the GPTQ grid, as float32: levels times the
+    float16 scale (more bits than a 16-bit weight has)."""
+    levels, scales = levels_and_scales(weight, gptq)
+    return _dequantize(levels, scales)
+
+
+def _dequantize(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    step = levels.shape[1] // scales.shape[1]
+    return levels.float() * scales.float().repeat_interleave(step, dim=1)
+
+
+class RoundedLinear(torch.nn.Module):
+    """A linear layer held as its RTN levels (int8) and float16 group scales, the weight made in
+    float32 when the layer runs: a quarter of a float32 copy's memory, the same products."""
+
+    def __init__(self, linear: torch.nn.Linear, gptq: GPTQSettings):
+        super().__init__()
+        levels, scales = levels_and_scales(linear.weight, gptq)
+        self.register_buffer("levels", levels)
+        self.register_buffer("scales", scales)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, _dequantize(self.levels, self.scales), self.bias)
 
 
 @torch.no_grad()
 def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings) -> torch.nn.Module:
-    """Round the weights of the linear layers `names` (the layers GPTQ quantizes), held in float32:
-    levels times a float16 scale need more bits than a 16-bit weight has."""
+    """The linear layers `names` (the layers GPTQ quantizes) replaced by their round-to-nearest on the
+    GPTQ grid, held as levels and scales."""
     for name in names:
-        linear = model.get_submodule(name)
-        linear.weight = torch.nn.Parameter(fake_quantize(linear.weight, gptq), requires_grad=False)
+        model.set_submodule(name, RoundedLinear(model.get_submodule(name), gptq))
     return model

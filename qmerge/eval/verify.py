@@ -1,8 +1,10 @@
 """`qmerge verify`: is DIR/merged really base-as-trained + adapter? Checked against a recomputation
 that shares no code with qmerge's merge: transformers loads the base the way the adapter saw it
 (bitsandbytes' real Linear4bit weights, dequantized, for QLoRA; the 16-bit weights for a plain
-LoRA), PEFT merges the adapter into a float32 copy with its own merge_and_unload (so every LoRA
-variant PEFT knows is covered), and PEFT's unmerged model scores a few sequences against DIR/merged.
+LoRA), PEFT merges the adapter with its own merge, module by module in merge_and_unload's order
+(qmerge.eval.expected: one module in float32 at a time, never a float32 copy of the model, so every
+LoRA variant PEFT knows is covered), and PEFT's unmerged model scores a few sequences against
+DIR/merged.
 
 Tolerances come from the merged dtype: each stored weight may differ from the exact float32 value by
 its rounding (half an ulp: 2^-8 relative for bf16, 2^-11 for fp16, 2^-24 for float32) plus a tiny
@@ -17,13 +19,13 @@ from pathlib import Path
 import torch
 
 from qmerge.errors import VerifyError
+from qmerge.eval.expected import peft_merged
 from qmerge.eval.metrics import compare
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.memory import release
 from qmerge.merge.adapter import Mix
-from qmerge.models.base import dequantized
 from qmerge.models.checkpoints import load_candidate
-from qmerge.models.reference import load_reference, peft_model
+from qmerge.models.reference import load_reference
 from qmerge.settings import NF4Settings
 
 _HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
@@ -81,16 +83,19 @@ def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device:
         windows = _sequences(base_dir, trust_remote_code)
     reference = load_reference(base_dir, mix, nf4, device, trust_remote_code, kind)
     kld = _logits_kld(reference, merged_dir, windows, trust_remote_code)
-    expected = _peft_merged(reference.unload(), mix)  # the same loaded base, the adapters taken out unmerged
-    del reference
-    release()
     merged = LazyCheckpoint.open(merged_dir)
+    stored_keys = set(merged.keys())
     dtypes: set[torch.dtype] = set()
     modules = []
-    for key in merged.keys():
-        stored = merged.get(key)
-        dtypes.add(stored.dtype)
-        modules.append(_compare(key, stored, expected.get(key)))
+    for key, expected in peft_merged(reference.unload(), mix):  # the same loaded base, the adapters taken out unmerged
+        if key in stored_keys:
+            stored_keys.discard(key)
+            stored = merged.get(key)
+            dtypes.add(stored.dtype)
+            modules.append(_compare(key, stored, expected))
+    del reference
+    release()
+    modules += [_compare(key, merged.get(key), None) for key in sorted(stored_keys)]  # tensors the recomputation has not
     modules.sort(key=lambda m: -m.of_tolerance)
     coarsest = max((d for d in dtypes if d in _HALF_ULP), key=_HALF_ULP.get, default=torch.float32)
     return Verification(modules, kld, KLD_LIMIT[coarsest], len(windows), _HALF_ULP[coarsest], str(coarsest).removeprefix("torch."))
@@ -99,14 +104,6 @@ def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device:
 def raise_if_failed(result: Verification) -> None:
     if not result.ok:
         raise VerifyError(result.line() + "; DIR/merged is not the base as trained + the adapter: rerun the merge, and report a bug if it repeats")
-
-
-def _peft_merged(base: torch.nn.Module, mix: Mix) -> dict[str, torch.Tensor]:
-    """PEFT's merge of the adapters into a float32 copy of `base` (a load_base model, the base as the
-    adapter saw it): every bitsandbytes Linear4bit replaced by a plain Linear holding its dequantized
-    weight."""
-    merged = peft_model(dequantized(base), mix).merge_and_unload()
-    return {k: v.detach() for k, v in merged.state_dict().items()}
 
 
 def _compare(key: str, stored: torch.Tensor, expected: torch.Tensor | None) -> ModuleCheck:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import make_base, make_qlora_adapter
 from qmerge.eval.expected import peft_merged
@@ -19,15 +20,17 @@ from test_variants import VARIANTS
 CPU = torch.device("cpu")
 
 
-def whole_copy_merge(base_dir, mix) -> dict[str, torch.Tensor]:
-    """The oracle: PEFT's merge_and_unload on a float32 copy of the whole 4-bit base, dequantized."""
-    model = peft_model(dequantized(load_base(base_dir, NF4Settings(), CPU)), mix).merge_and_unload()
+def whole_copy_merge(base_dir, mix, kind: str) -> dict[str, torch.Tensor]:
+    """The oracle: PEFT's merge_and_unload on a float32 copy of the whole base as the adapter saw it
+    (4-bit dequantized, or the 16-bit weights for a plain LoRA)."""
+    base = dequantized(load_base(base_dir, NF4Settings(), CPU)) if kind == "qlora" else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = peft_model(base, mix).merge_and_unload()
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def check(base_dir, mix) -> None:
-    expected = whole_copy_merge(base_dir, mix)
-    streamed = dict(peft_merged(load_base(base_dir, NF4Settings(), CPU), mix))
+def check(base_dir, mix, kind: str = "qlora") -> None:
+    expected = whole_copy_merge(base_dir, mix, kind)
+    streamed = dict(peft_merged(load_base(base_dir, NF4Settings(), CPU, kind), mix))
     assert set(streamed) == set(expected)
     for key, tensor in expected.items():
         assert streamed[key].dtype == torch.float32 and torch.equal(streamed[key], tensor.float()), key
@@ -62,3 +65,8 @@ def test_weighted_mix(tiny_base, tmp_path):
     a = make_qlora_adapter(tiny_base, tmp_path / "a", target_modules=["q_proj", "v_proj"], seed=1)
     b = make_qlora_adapter(tiny_base, tmp_path / "b", target_modules=["q_proj", "k_proj", "embed_tokens", "lm_head"], use_rslora=True, r=4, seed=2)
     check(tiny_base, load_mix((f"{a}:0.7", f"{b}:0.3")))
+
+
+def test_plain_lora_on_the_16_bit_base(tiny_base, tiny_adapter):
+    """--merge-into original: the base held in 16 bits, each module upcast just before PEFT merges it."""
+    check(tiny_base, load_mix((str(tiny_adapter),)), "lora")

@@ -3,7 +3,7 @@
 `merge_and_unload()` on a float32 copy of the base needs that copy whole (4 bytes per parameter: 33 GB
 for an 8B model, 280 GB for 70B). The same result comes module by module: every bitsandbytes
 Linear4bit of the loaded base is swapped for a float32 nn.Linear whose weight is a one-element
-placeholder, PEFT wraps that skeleton (so it dispatches its plain float LoRA layers, as it would on
+placeholder (a 16-bit base for a plain LoRA is upcast module by module instead), PEFT wraps that skeleton (so it dispatches its plain float LoRA layers, as it would on
 a float32 copy), and then, in PEFT's own unload order (`_unload_and_optionally_merge`), each module's
 placeholder gets bitsandbytes' dequantization of its own 4-bit weight just before PEFT's `merge` runs
 on it; the merged tensors are handed out and the module is dropped. At most one module is float32.
@@ -66,6 +66,9 @@ def _merged(target: torch.nn.Module, sources: dict[int, torch.nn.Module]) -> tor
     for module in target.modules():
         if id(module) in sources:
             module.weight = torch.nn.Parameter(held_weight(sources.pop(id(module))).float(), requires_grad=False)
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:  # a 16-bit base (plain LoRA): PEFT merges in float32
+                param.data = param.data.float()
     if hasattr(target, "unload_and_optionally_merge_module"):
         return target.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
     target.merge(safe_merge=False, adapter_names=None)

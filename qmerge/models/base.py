@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qmerge.io.memory import release
 from qmerge.merge.nf4 import bnb_config
 from qmerge.merge.source import is_prequantized
+from qmerge.models.float32 import float32_compute
 from qmerge.settings import NF4Settings
 
 
@@ -19,10 +20,12 @@ def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device, kin
     """The base model the adapter was trained on, computing in float32 with the exact 4-bit values:
     kind="qlora" loaded in 4-bit by bitsandbytes (a 16-bit base quantized with the training settings
     `nf4`, a pre-quantized checkpoint as stored), kind="lora" the base as stored (the 16-bit weights;
-    a pre-quantized checkpoint has no others)."""
+    a pre-quantized checkpoint has no others), held in their stored dtype and upcast per use."""
     import bitsandbytes as bnb
 
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    if kind == "lora" and not is_prequantized(config):  # held as stored, computing in float32: bit-identical, half the memory
+        return float32_compute(AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code))
     # quantization_config only when bitsandbytes is to quantize (None would drop a checkpoint's own)
     quantize = {"quantization_config": bnb_config(nf4, compute_dtype="float32")} if kind == "qlora" and not is_prequantized(config) else {}
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code, **quantize)

@@ -66,8 +66,9 @@ class RunResult:
 
 
 def run(base: str | None = None, adapter: str | list[str] | None = None, out: str | Path | None = None, *, recipe_file: str | Path | None = None,
-        overwrite: bool = False, resume: bool = False, verbose: bool = False, progress: bool = False, **settings) -> RunResult:
-    """NF4 base → merge → GPTQ → drift → report; `settings` override the recipe, which overrides defaults."""
+        overwrite: bool = False, resume: bool = False, verbose: bool = False, progress: bool = False, workers: str | None = None, **settings) -> RunResult:
+    """NF4 base → merge → GPTQ → drift → report; `settings` override the recipe, which overrides defaults.
+    workers="auto": each heavy stage in a fresh process (see qmerge.io.isolated)."""
     values = recipe.load(Path(recipe_file)) if recipe_file else {}
     unknown = sorted(set(settings) - set(recipe.KEYS))
     if unknown:
@@ -75,7 +76,7 @@ def run(base: str | None = None, adapter: str | list[str] | None = None, out: st
     given = {"base": base, "adapter": adapter, "out": str(out) if out is not None else None, **settings}
     values.update({k: v for k, v in given.items() if v is not None})
     resolved = recipe.to_settings(values, overwrite=overwrite, resume=resume)
-    report = pipeline.run(resolved, verbose=verbose, echo=progress)
+    report = pipeline.run(resolved, verbose=verbose, echo=progress, workers=workers)
     return RunResult(Path(resolved.out).resolve(), report)
 
 

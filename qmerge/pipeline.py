@@ -8,7 +8,7 @@ existing DIR is touched only with --overwrite or --resume.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import shutil
 import time
@@ -22,7 +22,7 @@ from qmerge import recipe
 from qmerge.eval import candidates
 from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
-from qmerge.io import text
+from qmerge.io import isolated, text
 from qmerge.io.manifests import StageCommitter, key_of
 from qmerge.io.memory import PeakRSS, release
 from qmerge.merge.streaming import merge
@@ -49,15 +49,41 @@ class Stage:
     after: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class StageJob:
+    """One stage's build, as a worker process runs it: the stages are declared again from the run's
+    picklable context and the named one is built (a spawned worker gets this object pickled)."""
+
+    settings: RunSettings
+    p: Prepared
+    out: Path
+    inputs: dict
+    verbose: bool
+    echo: bool
+    name: str
+
+    def __call__(self, tmp: Path) -> tuple[dict, dict]:
+        """(what the report keeps of the stage, its measurements: peak_gpu_mb on a GPU)."""
+        stage = next(s for s in declare(self.settings, self.p, self.out, self.inputs, self.verbose, self.echo) if s.name == self.name)
+        cuda = self.p.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.p.device)
+        info = stage.build(tmp)
+        release()  # what the stage freed goes back before the next stage starts
+        return info, ({"peak_gpu_mb": round(torch.cuda.max_memory_allocated(self.p.device) / 2**20)} if cuda else {})
+
+
 @dataclass
 class StageRunner:
-    """Reuses (with --resume, when the manifest verifies) or builds each stage in turn, recording its
-    wall time and peak memory."""
+    """Reuses (with --resume, when the manifest verifies) or builds each stage in turn, in this
+    process or (workers: "fork" or "spawn") in a fresh worker process each, recording its wall time
+    and peak memory."""
 
     out: Path
-    device: torch.device
     resume: bool
     echo: bool
+    job: Callable[[str], StageJob]
+    workers: str | None = None
     keys: dict[str, str] = field(default_factory=dict)
     infos: dict[str, dict] = field(default_factory=dict)
     records: dict[str, dict] = field(default_factory=dict)
@@ -72,35 +98,35 @@ class StageRunner:
             self._say(f"{stage.name}: reused (manifest verified)")
         else:
             info = {}
-            with self._measured(stage.name), committer.commit(stage.name, parts, info) as tmp:
-                info.update(stage.build(tmp))
+            self._say(f"{stage.name} ...")
+            start = time.perf_counter()
+            with committer.commit(stage.name, parts, info) as tmp:
+                built, record = self._build(self.job(stage.name), tmp)
+                info.update(built)
+            self.records[stage.name] = {"wall_s": round(time.perf_counter() - start, 3), **record}
         self.keys[stage.name], self.infos[stage.name] = key, info
 
-    @contextlib.contextmanager
-    def _measured(self, name: str):
-        self._say(f"{name} ...")
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+    def _build(self, job: StageJob, tmp: Path) -> tuple[dict, dict]:
+        if self.workers is not None:
+            (info, measured), peak = isolated.run(functools.partial(job, tmp), self.workers)
+            return info, {"peak_rss_mb": peak, **measured, "worker": self.workers}
         with PeakRSS() as peak:
-            yield
-            release()  # what the stage freed goes back before the next stage starts
-        record = {"wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak.mb}
-        if self.device.type == "cuda":
-            record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
-        self.records[name] = record
+            info, measured = job(tmp)
+        return info, {"peak_rss_mb": peak.mb, **measured}
 
     def _say(self, line: str) -> None:
         if self.echo:
             print(f"[qmerge] {line}", flush=True)
 
 
-def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict:
+def run(settings: RunSettings, verbose: bool = False, echo: bool = True, workers: str | None = None) -> dict:
     """The whole pipeline; returns the report (also written to DIR/report.json, .md and .html).
 
     Each stage (merged/, gptq/, drift/; merged-original/ and gptq-original/ for --candidates
     gptq-original) is committed atomically with a manifest; with settings.resume a stage whose
-    manifest verifies against the current inputs and settings is reused."""
+    manifest verifies against the current inputs and settings is reused. workers="auto" builds each
+    stage in a fresh worker process (forked on CPU when io.isolated.single_threaded_parent was called
+    first, spawned otherwise); None builds them in this process."""
     torch.manual_seed(settings.seed)
     p = prepare(settings)
     settings = effective(settings, p)
@@ -109,7 +135,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     out.mkdir(parents=True, exist_ok=True)
     StageCommitter(out).clean_partials()
     inputs = inputs_record(settings, p)
-    runner = StageRunner(out, p.device, settings.resume, echo)
+    runner = StageRunner(out, settings.resume, echo, functools.partial(StageJob, settings, p, out, inputs, verbose, echo), worker_method(workers, p.device))
     try:
         for stage in declare(settings, p, out, inputs, verbose, echo):
             runner.run(stage)
@@ -120,6 +146,14 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict
     rep = report_of(settings, p, out, inputs, runner)
     write_outputs(rep, settings, out, echo)
     return rep
+
+
+def worker_method(workers: str | None, device: torch.device) -> str | None:
+    """How stage workers start: fork where it is safe (CPU, a parent that computed single-threaded),
+    spawn otherwise (a forked child cannot use CUDA)."""
+    if workers is None:
+        return None
+    return "fork" if device.type == "cpu" and isolated.can_fork() else "spawn"
 
 
 def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool) -> list[Stage]:

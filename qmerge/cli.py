@@ -35,6 +35,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (must not exist or be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out, replacing each stage's output as the stage finishes")
     p.add_argument("--resume", action="store_true", help="continue a run in --out: reuse every finished stage whose manifest verifies")
+    p.add_argument("--verify-inputs", action=argparse.BooleanOptionalAction, help="hash every input and stage file again (default: reuse a file's hash while its size and modification time are unchanged)")
     p.add_argument("--bits", type=int, help="GPTQ bits: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, help="GPTQ group size, -1 for per channel (default 128)")
     p.add_argument("--act-order", action=B, help="GPTQ desc_act; off in the portable profile")

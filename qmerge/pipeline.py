@@ -84,6 +84,7 @@ class StageRunner:
     echo: bool
     job: Callable[[str], StageJob]
     workers: str | None = None
+    verify: bool = False  # --verify-inputs: hash a reused stage's files again
     keys: dict[str, str] = field(default_factory=dict)
     infos: dict[str, dict] = field(default_factory=dict)
     records: dict[str, dict] = field(default_factory=dict)
@@ -92,7 +93,7 @@ class StageRunner:
         committer = StageCommitter(self.out)
         parts = {**stage.parts, **{f"{up}_stage": self.keys[up] for up in stage.after}}
         key = key_of(**parts)
-        info = committer.reusable(stage.name, key) if self.resume else None
+        info = committer.reusable(stage.name, key, self.verify) if self.resume else None
         if info is not None:
             self.records[stage.name] = {"reused": True}
             self._say(f"{stage.name}: reused (manifest verified)")
@@ -135,7 +136,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True, workers
     out.mkdir(parents=True, exist_ok=True)
     StageCommitter(out).clean_partials()
     inputs = inputs_record(settings, p)
-    runner = StageRunner(out, settings.resume, echo, functools.partial(StageJob, settings, p, out, inputs, verbose, echo), worker_method(workers, p.device))
+    runner = StageRunner(out, settings.resume, echo, functools.partial(StageJob, settings, p, out, inputs, verbose, echo), worker_method(workers, p.device), settings.verify_inputs)
     try:
         for stage in declare(settings, p, out, inputs, verbose, echo):
             runner.run(stage)

@@ -121,6 +121,7 @@ class RunSettings:
     trust_remote_code: bool = False
     skip_gptq: bool = False
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES  # rows of the drift report (--skip-gptq drops those on the GPTQ grid)
+    verify_inputs: bool = False  # hash every input and stage file again instead of trusting (path, size, mtime)
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
     # the nf4 fields the user set (flag or recipe): a pre-quantized base decides the others, and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,10 +24,14 @@ from qmerge.eval import candidates
 from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
 from qmerge.io import isolated, text
+from qmerge.io.atomic import PARTIAL
 from qmerge.io.manifests import StageCommitter, key_of
 from qmerge.io.memory import PeakRSS, release
 from qmerge.merge.streaming import merge
 from qmerge.models.device import device_info
+from qmerge.models.placement import Placement
+from qmerge.plan import Plan
+from qmerge.plan import make as memory_plan
 from qmerge.models.reference import load_reference
 from qmerge.prepare import EvalSet, Prepared, effective, inputs_record, prepare
 from qmerge.quant.gptq import quantize, read_quant_log
@@ -60,11 +65,12 @@ class StageJob:
     inputs: dict
     verbose: bool
     echo: bool
+    plan: Plan
     name: str
 
     def __call__(self, tmp: Path) -> tuple[dict, dict]:
         """(what the report keeps of the stage, its measurements: peak_gpu_mb on a GPU)."""
-        stage = next(s for s in declare(self.settings, self.p, self.out, self.inputs, self.verbose, self.echo) if s.name == self.name)
+        stage = next(s for s in declare(self.settings, self.p, self.out, self.inputs, self.verbose, self.echo, self.plan) if s.name == self.name)
         cuda = self.p.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.p.device)
@@ -132,19 +138,26 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True, workers
     p = prepare(settings)
     settings = effective(settings, p)
     out = Path(settings.out).resolve()
+    method = worker_method(workers, p.device)
+    plan = memory_plan(settings, p, out, forked_workers=method == "fork")
+    for line in plan.lines() if echo else ():
+        print(f"[qmerge] {line}", flush=True)
+    plan.check()  # before DIR exists: a run that cannot fit leaves nothing behind
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     StageCommitter(out).clean_partials()
     inputs = inputs_record(settings, p)
-    runner = StageRunner(out, settings.resume, echo, functools.partial(StageJob, settings, p, out, inputs, verbose, echo), worker_method(workers, p.device), settings.verify_inputs)
+    runner = StageRunner(out, settings.resume, echo, functools.partial(StageJob, settings, p, out, inputs, verbose, echo, plan), method, settings.verify_inputs)
     try:
-        for stage in declare(settings, p, out, inputs, verbose, echo):
+        for stage in declare(settings, p, out, inputs, verbose, echo, plan):
             runner.run(stage)
     except BaseException:
         if created and not (out / "manifests").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind
         raise
-    rep = report_of(settings, p, out, inputs, runner)
+    finally:
+        shutil.rmtree(scratch_dir(out), ignore_errors=True)
+    rep = report_of(settings, p, out, inputs, runner, plan)
     write_outputs(rep, settings, out, echo)
     return rep
 
@@ -157,30 +170,38 @@ def worker_method(workers: str | None, device: torch.device) -> str | None:
     return "fork" if device.type == "cpu" and isolated.can_fork() else "spawn"
 
 
-def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool) -> list[Stage]:
+def scratch_dir(out: Path) -> Path:
+    """Offload folder and on-disk reference cache of this run (a hidden partial: removed at the end,
+    or by the next run after a crash)."""
+    return out / f".scratch{PARTIAL}{os.getpid()}"
+
+
+def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool, plan: Plan) -> list[Stage]:
     """The stages this run needs, in order: each one's key includes the keys of those it reads."""
     common = {"qmerge": VERSION, "device": p.device.type, "nf4": asdict(settings.nf4)}
     hashes = {"base": inputs["base"]["sha256"], "adapter": inputs["adapter"]["sha256"], **common}
     calibration = key_of(windows=sorted(text.window_hashes(p.calibration)))
     kinds = settings.evaluated
-    stages = [merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo)]
+    where = plan.placement(scratch_dir(out))
+    stages = [merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, where)]
     if "gptq" in kinds:
         stages.append(gptq_stage("gptq", "merged", p, out, settings, calibration, common, verbose))
     if "gptq-original" in kinds:  # the GPTQ most tools' users would ship: of the original-base merge
-        stages.append(merged_stage("merged-original", "original", p, settings.nf4, settings.merged_dtype, hashes, echo))
+        stages.append(merged_stage("merged-original", "original", p, settings.nf4, settings.merged_dtype, hashes, echo, where))
         stages.append(gptq_stage("gptq-original", "merged-original", p, out, settings, calibration, common, verbose))
-    stages.append(drift_stage(settings, p, out, kinds, [s.name for s in stages], common, echo))
+    stages.append(drift_stage(settings, p, out, kinds, [s.name for s in stages], common, echo, plan))
     return stages
 
 
-def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool) -> Stage:
+def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool, where: Placement) -> Stage:
     """DIR/merged: the adapters merged into the weights as trained (into="nf4") or the 16-bit ones,
-    checked against PEFT's own merge and logits before it is committed."""
+    checked against PEFT's own merge and logits before it is committed (the merged model for that
+    resident or streamed as the memory plan says: `where`)."""
 
     def build(tmp: Path) -> dict:
         result = merge(p.base_dir, p.mix, tmp, nf4, dtype, p.device, into=into, show_progress=echo, allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code)
         windows = p.evaluations[0].windows[:SEQUENCES, :SEQ_LEN]
-        check = verify(tmp, p.base_dir, p.mix, nf4, p.device, reference_kind(into), windows, p.trust_remote_code)
+        check = verify(tmp, p.base_dir, p.mix, nf4, p.device, reference_kind(into), windows, p.trust_remote_code, where, where.offload_dir)
         if echo:
             print(f"[qmerge] {name}: {check.line()}", flush=True)
         raise_if_failed(check)
@@ -200,11 +221,13 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
     return Stage(name, dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **common), build, after=(source,))
 
 
-def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool) -> Stage:
-    """DIR/drift: every candidate scored against the reference on every eval set."""
-    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code)
+def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool, plan: Plan) -> Stage:
+    """DIR/drift: every candidate scored against the reference on every eval set, held as the memory
+    plan says (resident or streamed; the reference cache in memory or on disk; the eval batch)."""
+    where = plan.placement(scratch_dir(out))
+    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, where, p.trust_remote_code)
     names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
-    batch = settings.data.batch_on(p.device.type)  # float32 GEMMs of another batch shape may round differently: part of the key
+    batch = plan.eval_batch  # float32 GEMMs of another batch shape may round differently: part of the key
 
     def build(tmp: Path) -> dict:
         reference = load_reference(p.base_dir, p.mix, settings.nf4, p.device, p.trust_remote_code, settings.reference_kind)
@@ -220,7 +243,7 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
 
         results = evaluate(
             reference, {name: builder(kind, name) for kind, name in names.items()}, [e.windows for e in p.evaluations], settings.floor_dtype,
-            batch_size=batch, show_progress=echo, scored_bytes=[e.scored_bytes for e in p.evaluations],
+            batch_size=batch, show_progress=echo, scored_bytes=[e.scored_bytes for e in p.evaluations], cache_budget=plan.cache_budget, cache_dir=where.offload_dir,
         )
         if settings.floor_dtype != "float32":
             rows[candidates.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
@@ -243,7 +266,7 @@ def eval_section(e: EvalSet, result: dict, seq_len: int) -> dict:
     }
 
 
-def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runner: StageRunner) -> dict:
+def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runner: StageRunner, plan: Plan) -> dict:
     """The report, from the stage results on disk and what the run recorded."""
     gptq = not settings.skip_gptq
     return assemble(
@@ -254,7 +277,7 @@ def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runne
         evaluations=json.loads((out / "drift" / "evaluations.json").read_text()),
         final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
         servers=servers(settings.gptq, p.in_features) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
-        recipe=recipe.resolved(settings),
+        recipe=recipe.resolved(settings), plan=plan.to_dict(),
     )
 
 

@@ -99,3 +99,28 @@ def test_candidates_built_in_memory_stay_in_storage_precision(reference, tiny_ba
     assert built["original"].get_submodule(q).weight.dtype == built["base"].get_submodule(q).weight.dtype == torch.bfloat16
     assert built["rtn"].get_submodule(q).levels.dtype == torch.int8
     assert isinstance(built["peft-nf4"].get_submodule(q), bnb.nn.Linear4bit)
+
+
+def test_streamed_candidates_give_the_numbers_of_resident_ones(reference, tiny_base, tiny_adapter, tiny_run, tmp_path):
+    """Candidates whose decoder layers are read from their checkpoint as each runs (accelerate's disk
+    offload; "original" with the adapter's edits applied on the way, "rtn" rounded from the stored
+    weights) score exactly as resident ones, and hold no decoder-layer weight in memory."""
+    from qmerge.eval import candidates
+    from qmerge.models.placement import Placement
+    from qmerge.settings import GPTQSettings
+    from test_drift import linear_shapes
+
+    windows = eval_windows(tiny_base)[:2]
+    results, held = {}, {}
+    for mode, where in (("resident", CPU), ("streamed", Placement(CPU, stream="disk", offload_dir=tmp_path))):
+        src = candidates.Sources(tiny_run.out, tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), GPTQSettings(group_size=32), "bfloat16", linear_shapes(tiny_run.merged), where)
+
+        def build(kind, src=src, mode=mode):
+            model = candidates.build(kind, src, reference)[0]
+            held[mode, kind] = model.get_submodule("model.layers.1.mlp.up_proj").weight.device.type if kind != "rtn" else "cpu"
+            return model
+
+        builds = {kind: (lambda kind=kind: build(kind)) for kind in ("merged", "original", "base", "rtn")}
+        results[mode] = drift.evaluate(reference, builds, [windows], "float32", show_progress=False)[0]
+    assert results["streamed"] == results["resident"]
+    assert {k: v for k, v in held.items() if k[0] == "streamed" and k[1] != "rtn"} == {("streamed", k): "meta" for k in ("merged", "original", "base")}

@@ -20,7 +20,9 @@ import torch
 
 from qmerge.eval.drift import NOISE_FLOOR
 from qmerge.merge.adapter import Mix
+from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.models.checkpoints import candidate_dtype, load_baseline, load_candidate
+from qmerge.models.placement import Placement, as_placement
 from qmerge.models.reference import peft_nf4
 from qmerge.quant import rtn, sizes
 from qmerge.settings import GPTQSettings, NF4Settings
@@ -42,7 +44,7 @@ class Sources:
     gptq: GPTQSettings
     merged_dtype: str
     linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer that gets quantized
-    device: torch.device
+    device: torch.device | Placement  # where the candidates live (models.placement)
     trust_remote_code: bool = False
 
 
@@ -79,7 +81,9 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
     linears = set(src.linears)
     merged = sizes.checkpoint_layout(src.out / "merged")  # every other tensor, stored as DIR/merged stores it
     if kind == "rtn":
-        model = rtn.apply(load_candidate(src.out / "merged", src.device, remote), linears, src.gptq)
+        place = as_placement(src.device)
+        read = LazyCheckpoint.open(src.out / "merged").get if place.streamed else None  # streamed: its linear weights are not in memory
+        model = rtn.apply(load_candidate(src.out / "merged", place, remote), linears, src.gptq, read)
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
         model = peft_nf4(reference)  # held in 4-bit, dequantized layer by layer as it runs
@@ -92,7 +96,7 @@ def compute_dtype(kind: str, src: Sources) -> str:
     if kind == "noise-floor":
         return src.nf4.compute_dtype
     path = path_of(kind, src)
-    dtype = candidate_dtype(path, src.device) if kind in STAGE_DIRS else torch.float32
+    dtype = candidate_dtype(path, as_placement(src.device).device) if kind in STAGE_DIRS else torch.float32
     return str(dtype).removeprefix("torch.")
 
 

@@ -20,11 +20,12 @@ import torch
 
 from qmerge.errors import VerifyError
 from qmerge.eval.expected import peft_merged
-from qmerge.eval.metrics import compare
+from qmerge.eval.drift import evaluate
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.memory import release
 from qmerge.merge.adapter import Mix
 from qmerge.models.checkpoints import load_candidate
+from qmerge.models.placement import Placement
 from qmerge.models.reference import load_reference
 from qmerge.settings import NF4Settings
 
@@ -76,13 +77,15 @@ class Verification:
 
 
 def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, kind: str = "qlora",
-           windows: torch.Tensor | None = None, trust_remote_code: bool = False) -> Verification:
+           windows: torch.Tensor | None = None, trust_remote_code: bool = False, merged_at: Placement | None = None, scratch: Path | None = None) -> Verification:
     """Compare DIR/merged with the independent recomputation, per tensor and by logits; returns the
-    numbers whatever they are (raise_if_failed turns a failure into VerifyError)."""
+    numbers whatever they are (raise_if_failed turns a failure into VerifyError). `merged_at`: where
+    DIR/merged lives for the logits check (resident on `device` by default, or streamed)."""
     if windows is None:
         windows = _sequences(base_dir, trust_remote_code)
     reference = load_reference(base_dir, mix, nf4, device, trust_remote_code, kind)
-    kld = _logits_kld(reference, merged_dir, windows, trust_remote_code)
+    build = {"merged": lambda: load_candidate(merged_dir, merged_at or device, trust_remote_code)}
+    kld = evaluate(reference, build, [windows], "float32", show_progress=False, cache_dir=scratch)[0]["metrics"]["merged"]["kld_mean"]
     merged = LazyCheckpoint.open(merged_dir)
     stored_keys = set(merged.keys())
     dtypes: set[torch.dtype] = set()
@@ -142,16 +145,3 @@ def _sequences(base_dir: Path, trust_remote_code: bool) -> torch.Tensor:
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     return text.windows("stdlib", "eval", tokenizer, SEQ_LEN, SEQUENCES)
-
-
-@torch.inference_mode()
-def _logits_kld(reference: torch.nn.Module, merged_dir: Path, windows: torch.Tensor, trust_remote_code: bool) -> float:
-    """Mean KL(unmerged PEFT model ‖ DIR/merged) per position, both in float32, one window at a time."""
-    device = next(reference.parameters()).device
-    model = load_candidate(merged_dir, device, trust_remote_code)
-    klds = []
-    for window in windows:
-        ids = window[None].to(device)
-        inputs, targets = ids[:, :-1], ids[:, 1:]
-        klds.append(compare(reference(input_ids=inputs).logits, model(input_ids=inputs).logits, targets).kld)
-    return torch.cat(klds).mean().item()

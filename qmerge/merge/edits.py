@@ -129,10 +129,11 @@ def _without_copies(adapter: Adapter, base: Source, aliases: dict[str, str]) -> 
 
 
 @torch.no_grad()
-def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device, dtype: torch.dtype | None = None) -> None:
+def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device, dtype: torch.dtype | None = None) -> Edits:
     """The mix merged into a loaded model's own weights (the "merged into original" baseline), with
     the same edits and tie rule as a merge into the NF4 base; each edited tensor computed in float32
-    and, with `dtype`, rounded to it at once, so no float32 copy of the model ever exists."""
+    and, with `dtype`, rounded to it at once, so no float32 copy of the model ever exists. Weights not
+    loaded (on the meta device: a streamed model's) are left to the caller, with the Edits returned."""
     edits = Edits(mix, tie_of(model))
 
     def stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,9 @@ def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device, dtype
 
     for key in edits.keys():
         param = model.get_parameter(key)
-        param.data = stored(edits.apply(key, param.data, device))
+        if not param.is_meta:
+            param.data = stored(edits.apply(key, param.data, device))
     for key, tensor in edits.extra_tensors():
         model.get_submodule(key.rpartition(".")[0]).weight = torch.nn.Parameter(stored(tensor), requires_grad=False)
         model.config.tie_word_embeddings = False
+    return edits

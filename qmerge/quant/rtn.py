@@ -8,6 +8,8 @@ times the scale stored in float16. GPTQ-vs-RTN therefore isolates what GPTQ's He
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from qmerge.models.engine import gptqmodel
@@ -57,21 +59,27 @@ class RoundedLinear(torch.nn.Module):
     """A linear layer held as its RTN levels (int8) and float16 group scales, the weight made in
     float32 when the layer runs: a quarter of a float32 copy's memory, the same products."""
 
-    def __init__(self, linear: torch.nn.Linear, gptq: GPTQSettings):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gptq: GPTQSettings):
         super().__init__()
-        levels, scales = levels_and_scales(linear.weight, gptq)
+        levels, scales = levels_and_scales(weight, gptq)
         self.register_buffer("levels", levels)
         self.register_buffer("scales", scales)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, _dequantize(self.levels, self.scales), self.bias)
 
 
 @torch.no_grad()
-def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings) -> torch.nn.Module:
+def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings, read: Callable[[str], torch.Tensor] | None = None) -> torch.nn.Module:
     """The linear layers `names` (the layers GPTQ quantizes) replaced by their round-to-nearest on the
-    GPTQ grid, held as levels and scales."""
-    for name in names:
-        model.set_submodule(name, RoundedLinear(model.get_submodule(name), gptq))
+    GPTQ grid, held as levels and scales. `read(key)`: the stored tensors, for a model whose layers
+    are streamed (their weights are not in memory)."""
+    for name in sorted(names):
+        linear = model.get_submodule(name)
+        if read is None:
+            weight, bias = linear.weight, linear.bias
+        else:
+            weight, bias = read(f"{name}.weight"), read(f"{name}.bias") if linear.bias is not None else None
+        model.set_submodule(name, RoundedLinear(weight, bias, gptq))
     return model

@@ -12,9 +12,8 @@ import functools
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +25,8 @@ from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
 from qmerge.io import isolated, text
 from qmerge.io.atomic import PARTIAL
 from qmerge.io.manifests import StageCommitter, key_of
-from qmerge.io.memory import PeakRSS, release
+from qmerge.io.memory import release
+from qmerge.merge.nf4base import write_nf4_base
 from qmerge.merge.streaming import merge
 from qmerge.models.device import device_info
 from qmerge.models.placement import Placement
@@ -38,20 +38,10 @@ from qmerge.quant.gptq import quantize, read_quant_log
 from qmerge.quant.servers import servers
 from qmerge.report import card, files
 from qmerge.report.assemble import assemble
+from qmerge.runner import Stage, StageRunner
 from qmerge.report.markdown import table
 from qmerge.report.schema import library_versions
 from qmerge.settings import VERSION, NF4Settings, RunSettings, reference_kind
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of a run. Its output, DIR/name, is a function of `parts` (the inputs and settings it
-    reads) and of the keys of the stages it reads (`after`), which together make its key."""
-
-    name: str
-    parts: dict
-    build: Callable[[Path], dict]  # writes the stage's files into a directory; returns what the report keeps of it
-    after: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,53 +67,6 @@ class StageJob:
         info = stage.build(tmp)
         release()  # what the stage freed goes back before the next stage starts
         return info, ({"peak_gpu_mb": round(torch.cuda.max_memory_allocated(self.p.device) / 2**20)} if cuda else {})
-
-
-@dataclass
-class StageRunner:
-    """Reuses (with --resume, when the manifest verifies) or builds each stage in turn, in this
-    process or (workers: "fork" or "spawn") in a fresh worker process each, recording its wall time
-    and peak memory."""
-
-    out: Path
-    resume: bool
-    echo: bool
-    job: Callable[[str], StageJob]
-    workers: str | None = None
-    verify: bool = False  # --verify-inputs: hash a reused stage's files again
-    keys: dict[str, str] = field(default_factory=dict)
-    infos: dict[str, dict] = field(default_factory=dict)
-    records: dict[str, dict] = field(default_factory=dict)
-
-    def run(self, stage: Stage) -> None:
-        committer = StageCommitter(self.out)
-        parts = {**stage.parts, **{f"{up}_stage": self.keys[up] for up in stage.after}}
-        key = key_of(**parts)
-        info = committer.reusable(stage.name, key, self.verify) if self.resume else None
-        if info is not None:
-            self.records[stage.name] = {"reused": True}
-            self._say(f"{stage.name}: reused (manifest verified)")
-        else:
-            info = {}
-            self._say(f"{stage.name} ...")
-            start = time.perf_counter()
-            with committer.commit(stage.name, parts, info) as tmp:
-                built, record = self._build(self.job(stage.name), tmp)
-                info.update(built)
-            self.records[stage.name] = {"wall_s": round(time.perf_counter() - start, 3), **record}
-        self.keys[stage.name], self.infos[stage.name] = key, info
-
-    def _build(self, job: StageJob, tmp: Path) -> tuple[dict, dict]:
-        if self.workers is not None:
-            (info, measured), peak = isolated.run(functools.partial(job, tmp), self.workers)
-            return info, {"peak_rss_mb": peak, **measured, "worker": self.workers}
-        with PeakRSS() as peak:
-            info, measured = job(tmp)
-        return info, {"peak_rss_mb": peak.mb, **measured}
-
-    def _say(self, line: str) -> None:
-        if self.echo:
-            print(f"[qmerge] {line}", flush=True)
 
 
 def run(settings: RunSettings, verbose: bool = False, echo: bool = True, workers: str | None = None) -> dict:
@@ -183,31 +126,42 @@ def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose
     calibration = key_of(windows=sorted(text.window_hashes(p.calibration)))
     kinds = settings.evaluated
     where = plan.placement(scratch_dir(out))
-    stages = [merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, where)]
+    stages, nf4_dir = [], None
+    if settings.reference_kind == "qlora" and not p.prequantized:  # the base quantized once, read by merge, verify and drift
+        stages.append(Stage("nf4", dict(hashes), functools.partial(_nf4_base, p, settings.nf4)))
+        nf4_dir = out / "nf4"
+    stages.append(merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, where, nf4_dir))
     if "gptq" in kinds:
         stages.append(gptq_stage("gptq", "merged", p, out, settings, calibration, common, verbose))
     if "gptq-original" in kinds:  # the GPTQ most tools' users would ship: of the original-base merge
-        stages.append(merged_stage("merged-original", "original", p, settings.nf4, settings.merged_dtype, hashes, echo, where))
+        stages.append(merged_stage("merged-original", "original", p, settings.nf4, settings.merged_dtype, hashes, echo, where, None))
         stages.append(gptq_stage("gptq-original", "merged-original", p, out, settings, calibration, common, verbose))
-    stages.append(drift_stage(settings, p, out, kinds, [s.name for s in stages], common, echo, plan))
+    stages.append(drift_stage(settings, p, out, kinds, [s.name for s in stages], common, echo, plan, nf4_dir or p.base_dir))
     return stages
 
 
-def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool, where: Placement) -> Stage:
-    """DIR/merged: the adapters merged into the weights as trained (into="nf4") or the 16-bit ones,
-    checked against PEFT's own merge and logits before it is committed (the merged model for that
-    resident or streamed as the memory plan says: `where`)."""
+def _nf4_base(p: Prepared, nf4: NF4Settings, tmp: Path) -> dict:
+    """DIR/nf4: the base as the training run's load quantized it (merge.nf4base)."""
+    return {"quantized": write_nf4_base(p.base_dir, tmp, nf4, p.device, p.allow_pickle, p.trust_remote_code)}
+
+
+def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool, where: Placement, nf4_dir: Path | None) -> Stage:
+    """DIR/merged: the adapters merged into the weights as trained (into="nf4": read from DIR/nf4
+    when the run made it, or a pre-quantized base as stored) or the 16-bit ones, checked against
+    PEFT's own merge and logits before it is committed (the merged model for that resident or
+    streamed as the memory plan says)."""
+    base = nf4_dir or p.base_dir
 
     def build(tmp: Path) -> dict:
-        result = merge(p.base_dir, p.mix, tmp, nf4, dtype, p.device, into=into, show_progress=echo, allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code)
+        result = merge(base, p.mix, tmp, nf4, dtype, p.device, into=into, show_progress=echo, allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code)
         windows = p.evaluations[0].windows[:SEQUENCES, :SEQ_LEN]
-        check = verify(tmp, p.base_dir, p.mix, nf4, p.device, reference_kind(into), windows, p.trust_remote_code, where, where.offload_dir)
+        check = verify(tmp, base, p.mix, nf4, p.device, reference_kind(into), windows, p.trust_remote_code, where, where.offload_dir)
         if echo:
             print(f"[qmerge] {name}: {check.line()}", flush=True)
         raise_if_failed(check)
         return {**asdict(result), "verify": check.summary()}
 
-    return Stage(name, dict(dtype=dtype, into=into, **hashes), build)
+    return Stage(name, dict(dtype=dtype, into=into, **hashes), build, after=("nf4",) if nf4_dir else ())
 
 
 def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSettings, calibration: str, common: dict, verbose: bool) -> Stage:
@@ -221,16 +175,17 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
     return Stage(name, dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **common), build, after=(source,))
 
 
-def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool, plan: Plan) -> Stage:
-    """DIR/drift: every candidate scored against the reference on every eval set, held as the memory
-    plan says (resident or streamed; the reference cache in memory or on disk; the eval batch)."""
+def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool, plan: Plan, as_trained: Path) -> Stage:
+    """DIR/drift: every candidate scored against the reference (loaded from `as_trained`) on every eval
+    set, held as the memory plan says (resident or streamed; the reference cache in memory or on
+    disk; the eval batch)."""
     where = plan.placement(scratch_dir(out))
     src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, where, p.trust_remote_code)
     names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
     batch = plan.eval_batch  # float32 GEMMs of another batch shape may round differently: part of the key
 
     def build(tmp: Path) -> dict:
-        reference = load_reference(p.base_dir, p.mix, settings.nf4, p.device, p.trust_remote_code, settings.reference_kind)
+        reference = load_reference(as_trained, p.mix, settings.nf4, p.device, p.trust_remote_code, settings.reference_kind)
         rows: dict[str, dict] = {}
 
         def builder(kind: str, name: str) -> Callable[[], torch.nn.Module]:

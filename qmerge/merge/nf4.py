@@ -43,16 +43,22 @@ def quantized_linear_names(config: AutoConfig, nf4: NF4Settings, trust_remote_co
     return {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
 
 
-def round_trip(weight: torch.Tensor, nf4: NF4Settings, device: torch.device) -> torch.Tensor:
-    """dequantize(quantize_4bit(W)) with bitsandbytes' own kernels, as float32 on `device`."""
+def quantize(weight: torch.Tensor, nf4: NF4Settings, device: torch.device):
+    """quantize_4bit(W) with bitsandbytes' own kernels, from float32 on `device`: (packed codes, QuantState)."""
     import bitsandbytes.functional as F
 
     w = weight.to(device=device, dtype=torch.float32)
-    packed, state = F.quantize_4bit(
+    return F.quantize_4bit(
         w,
         blocksize=nf4.blocksize,
         compress_statistics=nf4.double_quant,
         quant_type=nf4.quant_type,
         quant_storage=torch_dtype(nf4.quant_storage),
     )
-    return F.dequantize_4bit(packed, state)
+
+
+def round_trip(weight: torch.Tensor, nf4: NF4Settings, device: torch.device) -> torch.Tensor:
+    """dequantize(quantize_4bit(W)) with bitsandbytes' own kernels, as float32 on `device`."""
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(*quantize(weight, nf4, device))

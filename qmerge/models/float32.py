@@ -9,7 +9,7 @@ import types
 import torch
 
 
-UPCAST_ELEMENTS = 1 << 26  # a weight upcast whole up to this size (256 MB in float32), by blocks of rows beyond
+UPCAST_ELEMENTS = 1 << 24  # a weight upcast whole up to this size (64 MB in float32), by blocks of rows beyond
 
 
 class _Float32Linear(torch.nn.Linear):
@@ -17,7 +17,8 @@ class _Float32Linear(torch.nn.Linear):
         bias = None if self.bias is None else self.bias.float()
         if self.weight.numel() <= UPCAST_ELEMENTS or self.weight.dtype == torch.float32:
             return torch.nn.functional.linear(x, self.weight.float(), bias)
-        # a vocabulary-sized head (128256 × 4096: a 2.1 GB float32 copy): its output columns a block of rows at a time
+        # a vocabulary-sized head (128256 × 4096: a 2.1 GB float32 copy), an 8B model's MLP: the output a block
+        # of rows at a time (the same products: each output is one row's dot product, whatever the block)
         rows = max(1, UPCAST_ELEMENTS // self.weight.shape[1])
         parts = [torch.nn.functional.linear(x, self.weight[r : r + rows].float(), None if bias is None else bias[r : r + rows]) for r in range(0, self.weight.shape[0], rows)]
         return torch.cat(parts, dim=-1)

@@ -100,16 +100,17 @@ def make(settings, p, out: Path, forked_workers: bool) -> Plan:
     options = {"auto": options, "always": options[1:], "never": [None]}[settings.stream]
     for stream in options:
         batch = d.eval_batch or (_gpu_batch(shape, settings, available["cuda"], stream, cache) if cuda else 1)
-        planned = _stages(settings, shape, base, batch, stream, cache, cuda)
+        planned = _stages(settings, shape, base, batch, stream, cache, cuda, p.prequantized)
         if all(st.peak(dev) <= HEADROOM * available[dev] for st in planned if st.name in ("merged", "drift") for dev in st.devices):
             break
     free = shutil.disk_usage(_existing(out)).free
     return Plan(available, free, tuple(planned), batch, stream, cache[0], p.device)
 
 
-def _stages(settings, shape: Shape, base: int, batch: int, stream: str | None, cache: tuple[int, int], cuda: bool) -> list[StagePlan]:
+def _stages(settings, shape: Shape, base: int, batch: int, stream: str | None, cache: tuple[int, int], cuda: bool, prequantized: bool) -> list[StagePlan]:
     kinds = settings.evaluated
-    out = [est.merged_stage("merged", shape, settings, base, stream, cuda)]
+    out = [est.nf4_stage(shape, settings, base, cuda)] if settings.reference_kind == "qlora" and not prequantized else []
+    out.append(est.merged_stage("merged", shape, settings, base, stream, cuda))
     if "gptq" in kinds:
         out.append(est.gptq_stage("gptq", shape, settings, base, cuda))
     if "gptq-original" in kinds:

@@ -20,7 +20,6 @@ import torch
 
 from qmerge.eval.drift import NOISE_FLOOR
 from qmerge.merge.adapter import Mix
-from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.models.checkpoints import candidate_dtype, load_baseline, load_candidate
 from qmerge.models.placement import Placement, as_placement
 from qmerge.models.reference import peft_nf4
@@ -82,8 +81,7 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
     merged = sizes.checkpoint_layout(src.out / "merged")  # every other tensor, stored as DIR/merged stores it
     if kind == "rtn":
         place = as_placement(src.device)
-        read = LazyCheckpoint.open(src.out / "merged").get if place.streamed else None  # streamed: its linear weights are not in memory
-        model = rtn.apply(load_candidate(src.out / "merged", place, remote), linears, src.gptq, read)
+        model = rtn.apply(load_candidate(src.out / "merged", place, remote), linears, src.gptq, place.streamed)
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
         model = peft_nf4(reference)  # held in 4-bit, dequantized layer by layer as it runs

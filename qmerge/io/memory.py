@@ -84,7 +84,7 @@ class PeakRSS:
         self.mb = round(max(self.mb, now) if now is not None else high_water_mb(), 1)
 
 
-LIBRARY_PAGES = 250 * 2**20  # library code a forked stage worker faults in (torch kernels, bitsandbytes, PEFT)
+LIBRARY_PAGES = 150 * 2**20  # library code a forked stage worker faults in (torch kernels, bitsandbytes, PEFT): measured 120–260 MB
 
 
 def baseline_bytes(forked_workers: bool) -> int:

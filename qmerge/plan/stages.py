@@ -50,8 +50,8 @@ def candidate_bytes(kind: str, s: Shape, streamed: bool, settings: RunSettings, 
         return sixteen_bit(s, streamed)
     if kind == "peft-nf4":
         return reference  # a copy of the reference, merged and re-rounded to NF4
-    if kind == "rtn":
-        return 2 * s.other + s.linear  # int8 levels, the rest as DIR/merged stores it
+    if kind == "rtn":  # int8 levels and the rest as DIR/merged stores it; streamed: rounded as each layer runs
+        return sixteen_bit(s, True) + 4 * s.largest_linear if streamed else 2 * s.other + s.linear
     # gptq, gptq-original: GPTQ layers (codes, scales, zeros) and the rest in float32 on CPU (float16 on CUDA)
     return int(s.linear * (settings.gptq.bits / 8 + 0.05)) + (2 if cuda else 4) * s.other
 
@@ -81,7 +81,7 @@ def _on(cuda: bool, base: int, parts: dict[str, int], host: int = 0, cache: int 
 
 def nf4_stage(s: Shape, settings: RunSettings, base: int, cuda: bool) -> StagePlan:
     """The base quantized tensor by tensor into DIR/nf4."""
-    parts = {"weights": max(QUANTIZE_PER_ELEMENT * s.largest_linear, 4 * s.largest)}
+    parts = {"weights": max(QUANTIZE_PER_ELEMENT * s.largest_linear, 2 * s.largest)}  # a tensor kept 16-bit is copied through
     size = int(s.linear * 0.52) + 2 * s.other
     return StagePlan("nf4", _on(cuda, base, parts), disk=size)
 

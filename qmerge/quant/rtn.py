@@ -8,7 +8,7 @@ times the scale stored in float16. GPTQ-vs-RTN therefore isolates what GPTQ's He
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
 
 import torch
 
@@ -70,16 +70,27 @@ class RoundedLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, _dequantize(self.levels, self.scales), self.bias)
 
 
+class _RoundedWhenRun(torch.nn.Linear):
+    """A streamed linear layer (its weight brought in as it runs) rounded to the GPTQ grid each time it
+    runs: nothing held between runs, the products of RoundedLinear."""
+
+    gptq: GPTQSettings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, fake_quantize(self.weight, self.gptq), None if self.bias is None else self.bias.float())
+
+
 @torch.no_grad()
-def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings, read: Callable[[str], torch.Tensor] | None = None) -> torch.nn.Module:
+def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings, streamed: bool = False) -> torch.nn.Module:
     """The linear layers `names` (the layers GPTQ quantizes) replaced by their round-to-nearest on the
-    GPTQ grid, held as levels and scales. `read(key)`: the stored tensors, for a model whose layers
-    are streamed (their weights are not in memory)."""
+    GPTQ grid, held as levels and scales; in a streamed model (models.placement) rounded as each runs."""
     for name in sorted(names):
         linear = model.get_submodule(name)
-        if read is None:
-            weight, bias = linear.weight, linear.bias
+        if streamed:
+            linear.__class__ = _RoundedWhenRun
+            linear.gptq = gptq
+            if hasattr(linear, "_old_forward"):  # accelerate's hook calls the forward it found at load
+                linear._old_forward = types.MethodType(_RoundedWhenRun.forward, linear)
         else:
-            weight, bias = read(f"{name}.weight"), read(f"{name}.bias") if linear.bias is not None else None
-        model.set_submodule(name, RoundedLinear(weight, bias, gptq))
+            model.set_submodule(name, RoundedLinear(linear.weight, linear.bias, gptq))
     return model

@@ -37,7 +37,7 @@ def test_plan_is_within_a_quarter_of_each_stage_peak(shape, tmp_path):
         benchlib.run_child([*benchlib.python(), "-m", "qmerge.cli", "run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *ARGS])
         rep = json.loads((out / "report.json").read_text())
         ratios = {name: rep["plan"]["stages"][name]["peak_mb"]["cpu"] / stage["peak_rss_mb"] for name, stage in rep["stages"].items()}
-        print(shape, ratios)
+        print(shape, {name: (stage["peak_rss_mb"], rep["plan"]["stages"][name]["parts_mb"]["cpu"]) for name, stage in rep["stages"].items()})
         assert set(ratios) == {"nf4", "merged", "gptq", "drift"}
         assert all(0.75 <= r <= 1.25 for r in ratios.values()), ratios
     finally:

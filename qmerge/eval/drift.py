@@ -182,7 +182,9 @@ def _model(name: str, candidates: Mapping[str, Build], reference: torch.nn.Modul
         with noise_floor(reference, floor_dtype) as model:
             yield model
         return
-    yield candidates[name]()
+    model = candidates[name]()
+    release()  # what building it freed (a copy's temporaries) goes back before it runs
+    yield model
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import AutoModelForCausalLM
 
+from qmerge.io.memory import release
 from qmerge.merge.adapter import Adapter, Mix, check_fits
 from qmerge.merge.source import Source
 from qmerge.errors import QmergeError
@@ -139,10 +140,12 @@ def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device, dtype
     def stored(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device, dtype) if dtype is not None and tensor.is_floating_point() else tensor.to(device)
 
-    for key in edits.keys():
+    for i, key in enumerate(sorted(edits.keys())):
         param = model.get_parameter(key)
         if not param.is_meta:
             param.data = stored(edits.apply(key, param.data, device))
+        if i % 16 == 15:
+            release()  # each tensor's float32 temporaries, before they fragment the heap
     for key, tensor in edits.extra_tensors():
         model.get_submodule(key.rpartition(".")[0]).weight = torch.nn.Parameter(stored(tensor), requires_grad=False)
         model.config.tie_word_embeddings = False

@@ -21,6 +21,7 @@ EXPECTED_PER_ELEMENT = 12  # while verify holds one module of PEFT's merge (floa
 ACTIVATION_H, ACTIVATION_I = 14, 4  # float32 values per token per hidden / intermediate unit alive inside a layer's forward
 LOGIT_BYTES = 48  # per position and vocabulary entry of a metrics chunk (two float32 logits, four float64 temporaries)
 CUDA_CONTEXT = 600 * 2**20  # what CUDA and its kernels take on a GPU before any tensor
+GPTQ_ENGINE = 250 * 2**20  # GPTQModel imported and its CPU kernel compiled (torch.compile), in the stages that load it
 
 
 @dataclass
@@ -46,14 +47,16 @@ def reference_bytes(s: Shape, settings: RunSettings, cuda: bool) -> int:
 
 def candidate_bytes(kind: str, s: Shape, streamed: bool, settings: RunSettings, reference: int, cuda: bool) -> int:
     """One drift candidate's weights as it is held (models.checkpoints, eval.candidates)."""
-    if kind in ("merged", "original", "base"):
+    if kind in ("merged", "base"):
         return sixteen_bit(s, streamed)
+    if kind == "original":  # resident: the edited weights copied out of the base's pages, which the edits read
+        return sixteen_bit(s, streamed) + (0 if streamed or cuda else 2 * s.linear)
     if kind == "peft-nf4":
         return reference  # a copy of the reference, merged and re-rounded to NF4
-    if kind == "rtn":  # int8 levels and the rest as DIR/merged stores it; streamed: rounded as each layer runs
-        return sixteen_bit(s, True) + 4 * s.largest_linear if streamed else 2 * s.other + s.linear
-    # gptq, gptq-original: GPTQ layers (codes, scales, zeros) and the rest in float32 on CPU (float16 on CUDA)
-    return int(s.linear * (settings.gptq.bits / 8 + 0.05)) + (2 if cuda else 4) * s.other
+    if kind == "rtn":  # int8 levels beside DIR/merged's pages they were rounded from; streamed: rounded as each layer runs
+        return sixteen_bit(s, True) + 4 * s.largest_linear if streamed else 2 * s.params + s.linear
+    # gptq, gptq-original: GPTQ layers (codes, scales, zeros); the rest in float32 beside the 16-bit pages it was read from on CPU, float16 on CUDA
+    return int(s.linear * (settings.gptq.bits / 8 + 0.05)) + (2 * s.other if cuda else 6 * s.other + GPTQ_ENGINE)
 
 
 def sixteen_bit(s: Shape, streamed: bool) -> int:
@@ -107,9 +110,9 @@ def gptq_stage(name: str, s: Shape, settings: RunSettings, base: int, cuda: bool
     work = {"weights": 4 * s.layer, "activations": calibration + hessians}
     size = int(s.linear * (settings.gptq.bits / 8 + 0.05)) + 2 * s.other
     if cuda:
-        devices = {"cpu": {"base": base, "weights": 2 * s.params}, "cuda": {"base": CUDA_CONTEXT, **work}}
+        devices = {"cpu": {"base": base + GPTQ_ENGINE, "weights": 2 * s.params}, "cuda": {"base": CUDA_CONTEXT, **work}}
     else:
-        devices = {"cpu": {"base": base, "weights": 2 * s.params + work["weights"], "activations": work["activations"]}}
+        devices = {"cpu": {"base": base + GPTQ_ENGINE, "weights": 2 * s.params + work["weights"], "activations": work["activations"]}}
     return StagePlan(name, devices, disk=2 * size)  # the checkpoint, and GPTQModel's offload while it works
 
 

@@ -12,6 +12,7 @@ import types
 
 import torch
 
+from qmerge.io.memory import release
 from qmerge.models.engine import gptqmodel
 from qmerge.settings import GPTQSettings
 
@@ -84,7 +85,9 @@ class _RoundedWhenRun(torch.nn.Linear):
 def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings, streamed: bool = False) -> torch.nn.Module:
     """The linear layers `names` (the layers GPTQ quantizes) replaced by their round-to-nearest on the
     GPTQ grid, held as levels and scales; in a streamed model (models.placement) rounded as each runs."""
-    for name in sorted(names):
+    for i, name in enumerate(sorted(names)):
+        if i % 16 == 15:
+            release()  # each layer's float32 temporaries, before they fragment the heap
         linear = model.get_submodule(name)
         if streamed:
             linear.__class__ = _RoundedWhenRun

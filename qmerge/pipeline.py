@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -155,7 +155,7 @@ def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str
     def build(tmp: Path) -> dict:
         result = merge(base, p.mix, tmp, nf4, dtype, p.device, into=into, show_progress=echo, allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code)
         windows = p.evaluations[0].windows[:SEQUENCES, :SEQ_LEN]
-        check = verify(tmp, base, p.mix, nf4, p.device, reference_kind(into), windows, p.trust_remote_code, where, where.offload_dir)
+        check = verify(tmp, base, p.mix, nf4, replace(where, stream=None, offload_dir=None), reference_kind(into), windows, p.trust_remote_code, where, where.offload_dir)
         if echo:
             print(f"[qmerge] {name}: {check.line()}", flush=True)
         raise_if_failed(check)
@@ -185,7 +185,7 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
     batch = plan.eval_batch  # float32 GEMMs of another batch shape may round differently: part of the key
 
     def build(tmp: Path) -> dict:
-        reference = load_reference(as_trained, p.mix, settings.nf4, p.device, p.trust_remote_code, settings.reference_kind)
+        reference = load_reference(as_trained, p.mix, settings.nf4, plan.reference_placement(), p.trust_remote_code, settings.reference_kind)
         rows: dict[str, dict] = {}
 
         def builder(kind: str, name: str) -> Callable[[], torch.nn.Module]:

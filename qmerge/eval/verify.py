@@ -76,7 +76,7 @@ class Verification:
         }
 
 
-def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, kind: str = "qlora",
+def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device | Placement, kind: str = "qlora",
            windows: torch.Tensor | None = None, trust_remote_code: bool = False, merged_at: Placement | None = None, scratch: Path | None = None) -> Verification:
     """Compare DIR/merged with the independent recomputation, per tensor and by logits; returns the
     numbers whatever they are (raise_if_failed turns a failure into VerifyError). `merged_at`: where

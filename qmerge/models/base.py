@@ -4,6 +4,7 @@ exact 4-bit values; or the 16-bit base for a plain LoRA."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,22 +14,25 @@ from qmerge.io.memory import release
 from qmerge.merge.nf4 import bnb_config
 from qmerge.merge.source import is_prequantized
 from qmerge.models.float32 import float32_compute
+from qmerge.models.placement import Placement, as_placement, load_kwargs
 from qmerge.settings import NF4Settings
 
 
-def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device, kind: str = "qlora", trust_remote_code: bool = False):
+def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device | Placement, kind: str = "qlora", trust_remote_code: bool = False):
     """The base model the adapter was trained on, computing in float32 with the exact 4-bit values:
     kind="qlora" loaded in 4-bit by bitsandbytes (a 16-bit base quantized with the training settings
     `nf4`, a pre-quantized checkpoint as stored), kind="lora" the base as stored (the 16-bit weights;
-    a pre-quantized checkpoint has no others), held in their stored dtype and upcast per use."""
+    a pre-quantized checkpoint has no others), held in their stored dtype and upcast per use. On one
+    device, or spread over several GPUs (a Placement with max_memory); never streamed."""
     import bitsandbytes as bnb
 
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    place = load_kwargs(replace(as_placement(device), stream=None), config, trust_remote_code)
     if kind == "lora" and not is_prequantized(config):  # held as stored, computing in float32: bit-identical, half the memory
-        return float32_compute(AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code))
+        return float32_compute(AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", trust_remote_code=trust_remote_code, **place))
     # quantization_config only when bitsandbytes is to quantize (None would drop a checkpoint's own)
     quantize = {"quantization_config": bnb_config(nf4, compute_dtype="float32")} if kind == "qlora" and not is_prequantized(config) else {}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code, **quantize)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, **place, **quantize)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             # a pre-quantized checkpoint's config sets its own compute dtype, and its stored state

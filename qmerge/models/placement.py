@@ -43,8 +43,9 @@ def as_placement(where: torch.device | Placement) -> Placement:
 def load_kwargs(where: torch.device | Placement, config, trust_remote_code: bool = False) -> dict:
     """from_pretrained's keyword arguments for `where`, the model being of `config`."""
     place = as_placement(where)
-    if place.max_memory is not None:
-        return {"device_map": "auto", "max_memory": place.max_memory}
+    if place.max_memory is not None:  # spread over GPUs; with "cpu" in it, accelerate streams from host memory what does not fit
+        offload = {"offload_folder": str(place.offload_dir)} if place.offload_dir is not None else {}
+        return {"device_map": "auto", "max_memory": place.max_memory, **offload}
     if not place.streamed:
         return {"device_map": {"": place.device}}
     offload = str(place.offload_dir or Path.home() / ".cache" / "qmerge" / "offload")

@@ -12,6 +12,7 @@ from qmerge.io.memory import release
 from qmerge.merge.adapter import Mix
 from qmerge.models.base import load_base
 from qmerge.models.engine import gptqmodel
+from qmerge.models.placement import Placement
 from qmerge.settings import NF4Settings
 
 
@@ -37,7 +38,7 @@ def peft_model(model: torch.nn.Module, mix: Mix):
     return peft
 
 
-def load_reference(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, trust_remote_code: bool = False, kind: str = "qlora"):
+def load_reference(base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device | Placement, trust_remote_code: bool = False, kind: str = "qlora"):
     """Base as the adapter saw it (qlora: quantized by bitsandbytes at load, or pre-quantized; lora:
     16-bit) + the adapters, unmerged: the model as trained."""
     return peft_model(load_base(base_dir, nf4, device, kind, trust_remote_code), mix).eval()

@@ -37,10 +37,14 @@ class Plan:
     stream: str | None  # candidates that do not fit: None (all resident), "cpu" or "disk"
     cache_budget: int  # bytes of reference cache held in memory (more goes to disk)
     device: torch.device
+    max_memory: dict | None = None  # several GPUs: accelerate's max_memory for the reference and the candidates spread over them
 
     def placement(self, offload_dir: Path) -> Placement:
         """Where the candidates of verify and drift live."""
-        return Placement(self.device, stream=self.stream, offload_dir=offload_dir)
+        return Placement(self.device, stream=self.stream, max_memory=self.max_memory, offload_dir=offload_dir)
+
+    def reference_placement(self) -> Placement:
+        return Placement(self.device, max_memory=self.max_memory)
 
     @property
     def disk_need(self) -> int:
@@ -103,8 +107,24 @@ def make(settings, p, out: Path, forked_workers: bool) -> Plan:
         planned = _stages(settings, shape, base, batch, stream, cache, cuda, p.prequantized)
         if all(st.peak(dev) <= HEADROOM * available[dev] for st in planned if st.name in ("merged", "drift") for dev in st.devices):
             break
+    gpus = torch.cuda.device_count() if cuda and settings.device == "auto" else 1
+    max_memory = None
+    if gpus > 1:  # --device auto on several GPUs: the weights spread over them, each GPU keeps room for the activations and logits
+        planned = [_spread(st, gpus) for st in planned]
+        work = max(st.peak("cuda") - st.devices["cuda"].get("weights", 0) for st in planned if "cuda" in st.devices)
+        max_memory = {i: max(0, int(HEADROOM * available_bytes(f"cuda:{i}")) - work) for i in range(gpus)}
+        if stream is not None:
+            max_memory["cpu"] = int(HEADROOM * available["cpu"])
     free = shutil.disk_usage(_existing(out)).free
-    return Plan(available, free, tuple(planned), batch, stream, cache[0], p.device)
+    return Plan(available, free, tuple(planned), batch, stream, cache[0], p.device, max_memory)
+
+
+def _spread(st: StagePlan, gpus: int) -> StagePlan:
+    """A stage's GPU peak with its weights shared by `gpus` GPUs (per GPU)."""
+    if "cuda" not in st.devices:
+        return st
+    cuda = {k: v // gpus if k == "weights" else v for k, v in st.devices["cuda"].items()}
+    return StagePlan(st.name, {**st.devices, "cuda": cuda}, st.disk, [*st.notes, f"spread over {gpus} GPUs"])
 
 
 def _stages(settings, shape: Shape, base: int, batch: int, stream: str | None, cache: tuple[int, int], cuda: bool, prequantized: bool) -> list[StagePlan]:

@@ -42,7 +42,7 @@ def run_one(repo: Path, base: Path, adapter: Path, out: Path, stream: str | None
         "--calibration-samples", str(a.calibration_samples), "--eval-samples", str(a.eval_samples), "--seq-len", str(a.seq_len), "--group-size", "64",
         "--candidates", "merged,base" + (",gptq" if gptq else ""), *([] if gptq else ["--skip-gptq"]), *(["--stream", stream] if stream else []),
     ]
-    m = benchlib.run_child(argv, env={"PYTHONPATH": str(repo)})
+    m = benchlib.run_child(argv, env={"PYTHONPATH": str(repo)}, cwd=repo)  # `python -m` puts the working directory first on the path
     rep = json.loads((out / "report.json").read_text())
     shutil.rmtree(out)
     return {"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb, "stages": rep["stages"], "plan": rep.get("plan")}

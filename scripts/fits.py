@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qmerge.plan import HEADROOM  # noqa: E402
+from qmerge.plan import HEADROOM, WORK_BUDGET  # noqa: E402
 from qmerge.plan import stages as est  # noqa: E402
 from qmerge.plan.shape import Shape  # noqa: E402
 from qmerge.settings import DataSettings, RunSettings  # noqa: E402
@@ -54,7 +54,8 @@ def plan_row(model: str, gpus: tuple[int, int], settings: RunSettings, rank: int
                       est.drift_stage(s, settings, 0, batch, stream, (0, 0), True)]
             per_gpu = {st.name: _per_gpu(st, count) for st in stages}
             host = max(st.peak("cpu") for st in stages)
-            if all(v <= HEADROOM * free for v in per_gpu.values()) and host <= HEADROOM * host_gb * GB:
+            work = stages[-1].devices["cuda"]["activations"] + stages[-1].devices["cuda"]["logits"]
+            if all(v <= HEADROOM * free for v in per_gpu.values()) and host <= HEADROOM * host_gb * GB and (work <= WORK_BUDGET or batch == 1):
                 return [model, f"{count}×{size} GB", *(f"{per_gpu[n] / GB:.1f}" for n in ("merged", "gptq", "drift")), f"{host / GB:.0f}",
                         "streamed from host" if stream else "resident", str(batch), "yes"]
     return [model, f"{count}×{size} GB", *(f"{per_gpu[n] / GB:.1f}" for n in ("merged", "gptq", "drift")), f"{host / GB:.0f}", "-", "-", "no"]

@@ -25,6 +25,7 @@ from qmerge.plan.stages import StagePlan
 
 GB = 1 << 30
 HEADROOM = 0.9  # of the available memory a plan lets a stage use
+WORK_BUDGET = 6 * GB  # the most an automatic eval batch gives the activations and logits chunk on a GPU
 CACHE_IN_MEMORY = {"cpu": 64 << 20}  # on CPU the reference cache goes to disk (page cache) beyond this; on a GPU host, up to a quarter of RAM
 
 
@@ -140,10 +141,13 @@ def _stages(settings, shape: Shape, base: int, batch: int, stream: str | None, c
 
 
 def _gpu_batch(shape: Shape, settings, free: int, stream: str | None, cache: tuple[int, int]) -> int:
-    """The largest eval batch (windows per forward, up to 16) whose drift stage fits the GPU."""
+    """The largest eval batch (windows per forward, up to 16) whose drift stage fits the GPU with its
+    activations and logits chunk within WORK_BUDGET (past a few thousand tokens per forward a GPU is
+    busy; more only takes memory)."""
     windows = settings.data.eval_samples
     for batch in (16, 8, 4, 2, 1):
-        if batch <= windows and est.drift_stage(shape, settings, 0, batch, stream, cache, True).peak("cuda") <= HEADROOM * free:
+        gpu = est.drift_stage(shape, settings, 0, batch, stream, cache, True).devices["cuda"]
+        if batch <= windows and sum(gpu.values()) <= HEADROOM * free and gpu["activations"] + gpu["logits"] <= WORK_BUDGET:
             return batch
     return 1
 

@@ -54,7 +54,9 @@ def candidate_bytes(kind: str, s: Shape, streamed: bool, settings: RunSettings, 
     if kind == "peft-nf4":
         return reference  # a copy of the reference, merged and re-rounded to NF4
     if kind == "rtn":  # int8 levels beside DIR/merged's pages they were rounded from; streamed: rounded as each layer runs
-        return sixteen_bit(s, True) + 4 * s.largest_linear if streamed else 2 * s.params + s.linear
+        if streamed:
+            return sixteen_bit(s, True) + 4 * s.largest_linear
+        return 2 * s.other + s.linear + (0 if cuda else 2 * s.linear)
     # gptq, gptq-original: GPTQ layers (codes, scales, zeros); the rest in float32 beside the 16-bit pages it was read from on CPU, float16 on CUDA
     return int(s.linear * (settings.gptq.bits / 8 + 0.05)) + (2 * s.other if cuda else 6 * s.other + GPTQ_ENGINE)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qmerge.eval.metrics import chunk_stats, concat, kld_histogram, per_window, spans, summarize
+from qmerge.eval.metrics import compare, kld_histogram, per_window, summarize
 from qmerge.eval.refcache import Key, ReferenceCache
 from qmerge.io.dtypes import torch_dtype
-from qmerge.io.memory import release
+from qmerge.io.memory import release, trim
 from qmerge.models.base import set_4bit_compute_dtype
 from qmerge.models.taps import Taps
 
@@ -98,8 +98,7 @@ class Tally:
         ref_final = cache.get(key, len(ref.layers) - 1).to(final.device)
         targets = ids[:, 1:].to(final.device)
         layers.tokens += targets.numel()
-        parts = [chunk_stats(ref.logits(ref_final[b : b + 1, span]), taps.logits(final[b : b + 1, span]), targets[b : b + 1, span]) for b, span in spans(*targets.shape)]
-        s = concat(parts)
+        s = compare(ref.logits, taps.logits, ref_final, final, targets, ref.config.vocab_size)
         acc = self.series.setdefault(name, defaultdict(list))
         for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
             acc[field].append(getattr(s, field).cpu())
@@ -171,7 +170,7 @@ def _score(name: str, taps: Taps, ref: Taps, tallies: list[Tally], cache: Refere
     for tally in tallies:
         for key, ids in tally.batches(batch_size):
             tally.score(name, ref, taps, cache, key, ids)
-            release()  # glibc keeps a batch's freed activations otherwise
+            trim()  # glibc keeps a batch's freed activations otherwise
             done += 1
             step(done)
 

@@ -35,6 +35,13 @@ def release() -> None:
     are freed) stay in the heap as free space the next step cannot always reuse; trimming after the
     merge stage gave back ~300 MB of SmolLM2's run. A no-op without glibc."""
     gc.collect()
+    trim()
+
+
+def trim() -> None:
+    """release() without the cycle collection, for inside loops: tensors freed by reference counting
+    (a batch's activations, a layer's temporaries) are handed back at once, without gc.collect's
+    walk over every object (~0.1–1 s in a process holding a model: 7% of a profiled run)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import AutoModelForCausalLM
 
-from qmerge.io.memory import release
+from qmerge.io.memory import trim
 from qmerge.merge.adapter import Adapter, Mix, check_fits
 from qmerge.merge.source import Source
 from qmerge.errors import QmergeError
@@ -145,7 +145,7 @@ def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device, dtype
         if not param.is_meta:
             param.data = stored(edits.apply(key, param.data, device))
         if i % 16 == 15:
-            release()  # each tensor's float32 temporaries, before they fragment the heap
+            trim()  # each tensor's float32 temporaries, before they fragment the heap
     for key, tensor in edits.extra_tensors():
         model.get_submodule(key.rpartition(".")[0]).weight = torch.nn.Parameter(stored(tensor), requires_grad=False)
         model.config.tie_word_embeddings = False

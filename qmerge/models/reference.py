@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qmerge.io.memory import release
+from qmerge.io.memory import trim
 from qmerge.merge.adapter import Mix
 from qmerge.models.base import load_base
 from qmerge.models.engine import gptqmodel
@@ -56,5 +56,5 @@ def peft_nf4(reference: torch.nn.Module) -> torch.nn.Module:
     for i, layer in enumerate(m for m in model.modules() if isinstance(m, BaseTunerLayer)):
         layer.merge()
         if i % 8 == 7:
-            release()
+            trim()
     return model.unload().eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qmerge.eval.metrics import POSITIONS
+from qmerge.eval.metrics import POSITIONS, head_positions
 from qmerge.models.float32 import UPCAST_ELEMENTS
 from qmerge.plan.shape import Shape
 from qmerge.settings import RunSettings
@@ -72,9 +72,10 @@ def activations(s: Shape, batch: int, seq_len: int) -> int:
 
 
 def logits(s: Shape, batch: int, seq_len: int) -> int:
-    """A metrics chunk, a block of the head's float32 upcast, the final hidden states of the
-    reference and the candidate."""
-    return POSITIONS * s.vocab * LOGIT_BYTES + 4 * min(s.vocab * s.hidden, UPCAST_ELEMENTS) + 2 * batch * seq_len * s.hidden * 4
+    """A metrics chunk, the float32 logits of a head projection of the reference and the candidate, a
+    block of the head's float32 upcast, the final hidden states of both."""
+    span = min(head_positions(s.vocab), seq_len)
+    return POSITIONS * s.vocab * LOGIT_BYTES + 2 * 4 * span * s.vocab + 4 * min(s.vocab * s.hidden, UPCAST_ELEMENTS) + 2 * batch * seq_len * s.hidden * 4
 
 
 def _on(cuda: bool, base: int, parts: dict[str, int], host: int = 0, cache: int = 0) -> dict[str, dict[str, int]]:

@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from qmerge.io.memory import release
+from qmerge.io.memory import trim
 from qmerge.models.engine import gptqmodel
 from qmerge.settings import GPTQSettings
 
@@ -87,7 +87,7 @@ def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings, streamed:
     GPTQ grid, held as levels and scales; in a streamed model (models.placement) rounded as each runs."""
     for i, name in enumerate(sorted(names)):
         if i % 16 == 15:
-            release()  # each layer's float32 temporaries, before they fragment the heap
+            trim()  # each layer's float32 temporaries, before they fragment the heap
         linear = model.get_submodule(name)
         if streamed:
             linear.__class__ = _RoundedWhenRun

@@ -17,10 +17,10 @@ from conftest import make_tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchlib  # noqa: E402
 
-# 66 layers of width 1024: ~850M parameters, 1.7 GB of bf16, a small vocabulary so that the layers are
+# 72 layers of width 1024: ~920M parameters, 1.85 GB of bf16, a small vocabulary so that the layers are
 # the model. A forked stage worker starts from its parent's ~470 MB of imports; the 4-bit reference
 # holds ~0.45 GB; a streamed candidate one module (the memory plan's arithmetic, qmerge.plan).
-MODEL = dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16, num_hidden_layers=66,
+MODEL = dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16, num_hidden_layers=72,
              tie_word_embeddings=False, max_position_embeddings=256)
 LIMIT = 1536 * 2**20
 ARGS = ["--skip-gptq", "--candidates", "merged,original,base", "--seq-len", "32", "--eval-samples", "2", "--calibration-samples", "2", "--device", "cpu"]

@@ -67,10 +67,11 @@ class RunResult:
 
 def run(base: str | None = None, adapter: str | list[str] | None = None, out: str | Path | None = None, *, recipe_file: str | Path | None = None,
         overwrite: bool = False, resume: bool = False, verbose: bool = False, progress: bool = False, push_to: str | None = None, private: bool = False,
-        **settings) -> RunResult:
+        workers: str | None = None, **settings) -> RunResult:
     """NF4 base → merge → GPTQ → drift → report; `settings` override the recipe, which overrides
     defaults. With push_to="owner/name" the final checkpoint is uploaded at the end (as `push`
-    does), unless a quality budget failed."""
+    does), unless a quality budget failed. workers="auto": each heavy stage in a fresh process (see
+    qmerge.io.isolated)."""
     values = recipe.load(Path(recipe_file)) if recipe_file else {}
     unknown = sorted(set(settings) - set(recipe.KEYS))
     if unknown:
@@ -81,7 +82,7 @@ def run(base: str | None = None, adapter: str | list[str] | None = None, out: st
     if push_to is not None:
         check_repo_id(push_to)
     with showing(progress):
-        report = pipeline.run(resolved, verbose=verbose, echo=progress)
+        report = pipeline.run(resolved, verbose=verbose, echo=progress, workers=workers)
     result = RunResult(Path(resolved.out).resolve(), report)
     return result if push_to is None else push_final(result, push_to, private)
 

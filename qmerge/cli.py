@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -19,6 +20,10 @@ from pathlib import Path
 
 from qmerge.errors import QmergeError, VerifyError
 from qmerge.options import build_parser
+
+# A process that had not imported torch before this module (the qmerge command, python -m qmerge.cli)
+# has computed nothing yet: it can stay single-threaded and fork a worker per stage (io.isolated).
+FRESH_PROCESS = "torch" not in sys.modules
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_VERIFY_FAILED = 0, 1, 2, 3, 4
 DEMO_DEFAULTS = {"group_size": 64, "calibration_samples": 64, "eval_samples": 24}
@@ -54,6 +59,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
             print(compare.markdown(result))
         return result
     from qmerge import api
+    from qmerge.io import isolated
 
     if args.command == "verify":
         return _verify(args)
@@ -64,13 +70,26 @@ def _dispatch(args: argparse.Namespace) -> dict:
     if args.command in ("merge", "quantize", "eval"):
         return _stage(args)
     values = run_values(args)
+    workers = _workers()
     if args.command == "demo":
         from qmerge import demo
 
-        base, adapter = demo.prepare_inputs(echo=not args.quiet)
+        prepare = functools.partial(demo.prepare_inputs, echo=not args.quiet)  # the first time, a fine-tune: in a worker, with every thread
+        base, adapter = isolated.run(prepare, "fork")[0] if isolated.can_fork() else prepare()
         values = {**demo.recorded_settings(adapter), **values, "base": str(base), "adapter": str(adapter)}
-    result = api.run(overwrite=args.overwrite, resume=args.resume, verbose=args.verbose, progress=not args.quiet, push_to=args.push_to, private=args.private, **values)
+    result = api.run(overwrite=args.overwrite, resume=args.resume, verbose=args.verbose, progress=not args.quiet, push_to=args.push_to, private=args.private,
+                     workers=workers, **values)
     return result.summary()
+
+
+def _workers() -> str | None:
+    """Stage workers for a fresh process (this one then computes single-threaded until it forks them)."""
+    from qmerge.io import isolated
+
+    if not FRESH_PROCESS:
+        return None
+    isolated.single_threaded_parent()
+    return "auto"
 
 
 def _stage(args: argparse.Namespace) -> dict:

@@ -52,7 +52,9 @@ def _calibration(p: argparse.ArgumentParser) -> None:
 def _evaluation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", help="eval sources, comma-separated, same forms as --calibration (default: stdlib eval part); metrics per set")
     p.add_argument("--eval-samples", type=int, help="eval windows (default 32)")
-    p.add_argument("--eval-batch", type=int, help="eval windows per forward in the drift stage (default 0: 1 on CPU, 8 on a GPU)")
+    p.add_argument("--eval-batch", type=int, help="eval windows per forward in the drift stage (default 0: 1 on CPU, on a GPU the most its free memory holds, up to 16)")
+    p.add_argument("--stream", help="hold verify's and drift's 16-bit candidates a layer at a time: auto (default: when the memory plan says they do not fit beside the reference), always, never")
+    p.add_argument("--verify-inputs", action=B, help="hash every input and stage file again (default: reuse a file's hash while its size and modification time are unchanged)")
     p.add_argument("--allow-overlap", action=B, help="evaluate even on windows that are also in the calibration set (the overlapping fraction is reported)")
     p.add_argument("--candidates", help="report rows, comma-separated: merged, original, peft-nf4, rtn, gptq, gptq-original, base (default: all but gptq-original)")
     p.add_argument("--checkpoint", dest="checkpoints", action="append", help="NAME=DIR_OR_HUB_ID: also score a checkpoint made elsewhere (a GPTQ or AWQ of the same fine-tune); repeatable")

@@ -8,12 +8,12 @@ existing DIR is touched only with --overwrite or --resume.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
+import os
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,13 +23,18 @@ from qmerge import recipe
 from qmerge.eval import candidates, samples
 from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
-from qmerge.io import text
-from qmerge.io.manifests import StageCommitter, key_of
-from qmerge.io.memory import PeakRSS, release
+from qmerge.io import isolated, text
+from qmerge.io.atomic import PARTIAL
+from qmerge.io.manifests import StageCommitter
+from qmerge.io.memory import release
+from qmerge.merge.nf4base import write_nf4_base
 from qmerge.merge.streaming import merge
 from qmerge.models.device import device_info
+from qmerge.models.placement import Placement
 from qmerge.models.precision import describe
 from qmerge.models.reference import load_reference
+from qmerge.plan import Plan
+from qmerge.plan import make as memory_plan
 from qmerge.prepare import EvalSet, Prepared, effective, inputs_record, prepare
 from qmerge.quant.gptq import quantize, read_quant_log
 from qmerge.quant.servers import servers
@@ -37,108 +42,117 @@ from qmerge.report import card, files
 from qmerge.report.assemble import assemble
 from qmerge.report.markdown import table
 from qmerge.report.schema import library_versions
+from qmerge.runner import Stage, StageRunner
 from qmerge.settings import VERSION, NF4Settings, RunSettings, reference_kind
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One step of a run. Its output, DIR/name, is a function of `parts` (the inputs and settings it
-    reads) and of the keys of the stages it reads (`after`), which together make its key."""
+class StageJob:
+    """One stage's build, as a worker process runs it: the stages are declared again from the run's
+    picklable context and the named one is built (a spawned worker gets this object pickled)."""
 
-    name: str
-    parts: dict
-    build: Callable[[Path], dict]  # writes the stage's files into a directory; returns what the report keeps of it
-    after: tuple[str, ...] = ()
-
-
-@dataclass
-class StageRunner:
-    """Reuses (with --resume, when the manifest verifies) or builds each stage in turn, recording its
-    wall time and peak memory."""
-
+    settings: RunSettings
+    p: Prepared
     out: Path
-    device: torch.device
-    resume: bool
+    inputs: dict
+    verbose: bool
     echo: bool
-    keys: dict[str, str] = field(default_factory=dict)
-    infos: dict[str, dict] = field(default_factory=dict)
-    records: dict[str, dict] = field(default_factory=dict)
+    plan: Plan
+    name: str
+    check_merge: bool = True
 
-    def run(self, stage: Stage) -> None:
-        committer = StageCommitter(self.out)
-        parts = {**stage.parts, **{f"{up}_stage": self.keys[up] for up in stage.after}}
-        key = key_of(**parts)
-        info = committer.reusable(stage.name, key) if self.resume else None
-        if info is not None:
-            self.records[stage.name] = {"reused": True}
-            self._say(f"{stage.name}: reused (manifest verified)")
-        else:
-            info = {}
-            with self._measured(stage.name), committer.commit(stage.name, parts, info) as tmp:
-                info.update(stage.build(tmp))
-        self.keys[stage.name], self.infos[stage.name] = key, info
-
-    @contextlib.contextmanager
-    def _measured(self, name: str):
-        self._say(f"{name} ...")
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
-        with PeakRSS() as peak:
-            yield
-            release()  # what the stage freed goes back before the next stage starts
-        record = {"wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak.mb}
-        if self.device.type == "cuda":
-            record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
-        self.records[name] = record
-
-    def _say(self, line: str) -> None:
-        if self.echo:
-            print(f"[qmerge] {line}", flush=True)
+    def __call__(self, tmp: Path) -> tuple[dict, dict]:
+        """(what the report keeps of the stage, its measurements: peak_gpu_mb on a GPU)."""
+        stages = declare(self.settings, self.p, self.out, self.inputs, self.verbose, self.echo, self.plan, self.check_merge)
+        return measured_build(next(s for s in stages if s.name == self.name), self.p.device, tmp)
 
 
-def run(settings: RunSettings, verbose: bool = False, echo: bool = True) -> dict:
+def measured_build(stage: Stage, device: torch.device, tmp: Path) -> tuple[dict, dict]:
+    """Build `stage` into `tmp`: (what the report keeps of it, its measurements: peak_gpu_mb on a GPU)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    info = stage.build(tmp)
+    release()  # what the stage freed goes back before the next stage starts
+    return info, ({"peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)} if cuda else {})
+
+
+def in_process(stages: list[Stage], device: torch.device) -> Callable[[str], Callable[[Path], tuple[dict, dict]]]:
+    """A StageRunner job for stages built in this process (the stage commands): the named one's build."""
+    by_name = {s.name: s for s in stages}
+    return lambda name: functools.partial(measured_build, by_name[name], device)
+
+
+def run(settings: RunSettings, verbose: bool = False, echo: bool = True, workers: str | None = None) -> dict:
     """The whole pipeline; returns the report (also written to DIR/report.json, .md and .html).
 
     Each stage (merged/, gptq/, drift/; merged-original/ and gptq-original/ for --candidates
     gptq-original) is committed atomically with a manifest; with settings.resume a stage whose
-    manifest verifies against the current inputs and settings is reused."""
+    manifest verifies against the current inputs and settings is reused. workers="auto" builds each
+    stage in a fresh worker process (forked on CPU when io.isolated.single_threaded_parent was called
+    first, spawned otherwise); None builds them in this process."""
     torch.manual_seed(settings.seed)
     p = prepare(settings)
     settings = effective(settings, p)
     if echo and p.plan is not None and p.plan.note:
         print(f"[qmerge] {p.plan.note}", flush=True)
     out = Path(settings.out).resolve()
+    method = worker_method(workers, p.device)
+    plan = memory_plan(settings, p, out, forked_workers=method == "fork")
+    for line in plan.lines() if echo else ():
+        print(f"[qmerge] {line}", flush=True)
+    plan.check()  # before DIR exists: a run that cannot fit leaves nothing behind
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     StageCommitter(out).clean_partials()
     inputs = inputs_record(settings, p)
-    runner = StageRunner(out, p.device, settings.resume, echo)
+    runner = StageRunner(out, settings.resume, echo, functools.partial(StageJob, settings, p, out, inputs, verbose, echo, plan), method, settings.verify_inputs)
     try:
-        for stage in declare(settings, p, out, inputs, verbose, echo):
+        for stage in declare(settings, p, out, inputs, verbose, echo, plan):
             runner.run(stage)
     except BaseException:
         if created and not (out / "manifests").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind
         raise
-    rep = report_of(settings, p, out, inputs, runner)
+    finally:
+        shutil.rmtree(scratch_dir(out), ignore_errors=True)
+    rep = report_of(settings, p, out, inputs, runner, plan)
     write_outputs(rep, settings, out, echo)
     return rep
 
 
-def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool, check_merge: bool = True) -> list[Stage]:
+def worker_method(workers: str | None, device: torch.device) -> str | None:
+    """How stage workers start: fork where it is safe (CPU, a parent that computed single-threaded),
+    spawn otherwise (a forked child cannot use CUDA)."""
+    if workers is None:
+        return None
+    return "fork" if device.type == "cpu" and isolated.can_fork() else "spawn"
+
+
+def scratch_dir(out: Path) -> Path:
+    """Offload folder and on-disk reference cache of this run (a hidden partial: removed at the end,
+    or by the next run after a crash)."""
+    return out / f".scratch{PARTIAL}{os.getpid()}"
+
+
+def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool, plan: Plan, check_merge: bool = True) -> list[Stage]:
     """The stages this run needs, in order: each one's key includes the keys of those it reads."""
     common = common_parts(settings, p.device)
     hashes = {"base": inputs["base"]["sha256"], "adapter": inputs["adapter"]["sha256"], **common}
     calibration = calibration_key(p.calibration)
     kinds = settings.evaluated
-    stages = [merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, check_merge)]
+    where = plan.placement(scratch_dir(out))
+    stages, nf4_dir = [], None
+    if settings.reference_kind == "qlora" and not p.prequantized:  # the base quantized once, read by merge, verify and drift
+        stages.append(Stage("nf4", dict(hashes), functools.partial(_nf4_base, p, settings.nf4)))
+        nf4_dir = out / "nf4"
+    stages.append(merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, where, nf4_dir, check_merge))
     if "gptq" in kinds:
         stages.append(gptq_stage("gptq", "merged", p, out, settings, calibration, common, verbose))
     if "gptq-original" in kinds:  # the GPTQ most tools' users would ship: of the original-base merge
-        stages.append(merged_stage("merged-original", "original", p, settings.nf4, settings.merged_dtype, hashes, echo))
+        stages.append(merged_stage("merged-original", "original", p, settings.nf4, settings.merged_dtype, hashes, echo, where, None))
         stages.append(gptq_stage("gptq-original", "merged-original", p, out, settings, calibration, common, verbose))
-    stages.append(drift_stage(settings, p, out, kinds, [s.name for s in stages], common, echo))
+    stages.append(drift_stage(settings, p, out, kinds, [s.name for s in stages], common, echo, plan, nf4_dir or p.base_dir))
     return stages
 
 
@@ -154,23 +168,31 @@ def calibration_key(windows: torch.Tensor) -> str:
     return text.stream_sha256(windows)
 
 
-def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool, check_merge: bool = True) -> Stage:
-    """DIR/merged: the adapters merged into the weights as trained (into="nf4") or the 16-bit ones,
-    checked against PEFT's own merge and logits before it is committed (unless `check_merge` is off:
-    `merge_adapter(verify=False)`)."""
+def _nf4_base(p: Prepared, nf4: NF4Settings, tmp: Path) -> dict:
+    """DIR/nf4: the base as the training run's load quantized it (merge.nf4base)."""
+    return {"quantized": write_nf4_base(p.base_dir, tmp, nf4, p.device, p.allow_pickle, p.trust_remote_code)}
+
+
+def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str, hashes: dict, echo: bool, where: Placement, nf4_dir: Path | None,
+                 check_merge: bool = True) -> Stage:
+    """DIR/merged: the adapters merged into the weights as trained (into="nf4": read from DIR/nf4
+    when the run made it, or a pre-quantized base as stored) or the 16-bit ones, checked against
+    PEFT's own merge and logits before it is committed (the merged model for that resident or
+    streamed as the memory plan says; unless `check_merge` is off: `merge_adapter(verify=False)`)."""
+    base = nf4_dir or p.base_dir
 
     def build(tmp: Path) -> dict:
-        result = merge(p.base_dir, p.mix, tmp, nf4, dtype, p.device, into=into, show_progress=echo, allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code)
+        result = merge(base, p.mix, tmp, nf4, dtype, p.device, into=into, show_progress=echo, allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code)
         if not check_merge:
             return asdict(result)
         windows = p.evaluations[0].windows[:SEQUENCES, :SEQ_LEN]
-        check = verify(tmp, p.base_dir, p.mix, nf4, p.device, reference_kind(into), windows, p.trust_remote_code)
+        check = verify(tmp, base, p.mix, nf4, replace(where, stream=None, offload_dir=None), reference_kind(into), windows, p.trust_remote_code, where, where.offload_dir)
         if echo:
             print(f"[qmerge] {name}: {check.line()}", flush=True)
         raise_if_failed(check)
         return {**asdict(result), "verify": check.summary()}
 
-    return Stage(name, dict(dtype=dtype, into=into, **hashes), build)
+    return Stage(name, dict(dtype=dtype, into=into, **hashes), build, after=("nf4",) if nf4_dir else ())
 
 
 def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSettings, calibration: str, common: dict, verbose: bool) -> Stage:
@@ -184,14 +206,17 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
     return Stage(name, dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **common), build, after=(source,))
 
 
-def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool) -> Stage:
-    """DIR/drift: every candidate scored against the reference on every eval set."""
-    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code, settings.checkpoints, p.nf4_linears)
+def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool, plan: Plan, as_trained: Path) -> Stage:
+    """DIR/drift: every candidate scored against the reference (loaded from `as_trained`) on every eval
+    set, held as the memory plan says (resident or streamed; the reference cache in memory or on
+    disk; the eval batch)."""
+    where = plan.placement(scratch_dir(out))
+    src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, where, p.trust_remote_code, settings.checkpoints, p.nf4_linears)
     names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
-    batch = settings.data.batch_on(p.device.type)  # float32 GEMMs of another batch shape may round differently: part of the key
+    batch = plan.eval_batch  # float32 GEMMs of another batch shape may round differently: part of the key
 
     def build(tmp: Path) -> dict:
-        reference = load_reference(p.base_dir, p.mix, settings.nf4, p.device, p.trust_remote_code, settings.reference_kind)
+        reference = load_reference(as_trained, p.mix, settings.nf4, plan.reference_placement(), p.trust_remote_code, settings.reference_kind)
         rows: dict[str, dict] = {}
         texts = samples.Samples(settings.data, p.evaluations[0].name, p.evaluations[0].windows, AutoTokenizer.from_pretrained(p.base_dir, trust_remote_code=p.trust_remote_code))
         texts.add(candidates.REFERENCES[settings.reference_kind], reference)
@@ -208,7 +233,7 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
 
         results = evaluate(
             reference, {name: builder(kind, name) for kind, name in names.items()}, [e.windows for e in p.evaluations], settings.floor_dtype,
-            batch_size=batch, show_progress=echo, scored_bytes=[e.scored_bytes for e in p.evaluations],
+            batch_size=batch, show_progress=echo, scored_bytes=[e.scored_bytes for e in p.evaluations], cache_budget=plan.cache_budget, cache_dir=where.offload_dir,
         )
         if settings.floor_dtype != "float32":
             rows[candidates.NOISE_FLOOR] = candidates.describe("noise-floor", None, src)
@@ -232,7 +257,7 @@ def eval_section(e: EvalSet, result: dict, seq_len: int) -> dict:
     }
 
 
-def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runner: StageRunner) -> dict:
+def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runner: StageRunner, plan: Plan) -> dict:
     """The report, from the stage results on disk and what the run recorded."""
     gptq = not settings.skip_gptq
     resolved = settings.to_dict()
@@ -245,7 +270,7 @@ def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runne
         evaluations=files.undefined_as_nan(json.loads((out / "drift" / "evaluations.json").read_text())),
         final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
         servers=servers(settings.gptq, p.in_features, p.plan.loader) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
-        recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"),
+        recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"), plan=plan.to_dict(),
     )
 
 

@@ -176,20 +176,20 @@ def warn_if_other_base(adapter, base_spec: str, base_dir: Path) -> None:
 def inputs_record(settings: RunSettings, p: Prepared) -> dict:
     """report.json's `inputs`: what the run read, with the hashes that identify it (stage keys use them)."""
     base = {
-        "spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": tree_sha256(p.base_dir),
+        "spec": settings.base, "path": str(p.base_dir), "from_hub": not Path(settings.base).expanduser().exists(), "sha256": tree_sha256(p.base_dir, settings.verify_inputs),
         "prequantized": p.prequantized, **hub_origin(settings.base, p.base_dir, settings.revision),
     }
     return {
-        "base": base, "adapter": adapter_record(settings.adapter, p.mix),
+        "base": base, "adapter": adapter_record(settings.adapter, p.mix, settings.verify_inputs),
         "calibration_windows": len(p.calibration), "eval_windows": len(p.evaluations[0].windows) if p.evaluations else 0, "windows_start_with_bos": p.bos,
     }
 
 
-def adapter_record(specs: tuple[str, ...], mix: Mix) -> dict:
+def adapter_record(specs: tuple[str, ...], mix: Mix, verify: bool = False) -> dict:
     """The adapter inputs for the report and stage keys: one adapter as {spec, path, sha256}; a mix as
     the same keys over all of it (sha256 of the parts' hashes and weights) plus each part."""
     parts = [
-        {"spec": spec, "path": str(part.adapter.directory), "weight": part.weight, "sha256": tree_sha256(part.adapter.directory),
+        {"spec": spec, "path": str(part.adapter.directory), "weight": part.weight, "sha256": tree_sha256(part.adapter.directory, verify),
          **hub_origin(parse_spec(spec)[0], part.adapter.directory)}
         for spec, part in zip(specs, mix)
     ]

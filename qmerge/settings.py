@@ -92,14 +92,11 @@ class DataSettings:
     eval_samples: int = 32
     seq_len: int = 512
     allow_overlap: bool = False  # evaluate on windows GPTQ was calibrated on (the overlap is reported)
-    eval_batch: int = 0  # eval windows per forward; 0: 1 on CPU (no gain, more memory), 8 on a GPU
+    eval_batch: int = 0  # eval windows per forward; 0: 1 on CPU (no gain, more memory), on a GPU what the memory plan fits
     prompts: str | None = None  # a .txt (one prompt a line) or .jsonl (prompt or chat messages) file; None: the first eval windows
     samples: int = 4  # prompts completed greedily side by side in the report (0: none)
     sample_tokens: int = 32  # new tokens per completion
 
-    def batch_on(self, device_type: str) -> int:
-        """Windows per forward in the drift stage."""
-        return self.eval_batch or (8 if device_type == "cuda" else 1)
 
     def validate(self) -> None:
         if not self.eval:
@@ -139,6 +136,8 @@ class RunSettings:
     trust_remote_code: bool = False
     skip_gptq: bool = False
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES  # rows of the drift report (--skip-gptq drops those on the GPTQ grid)
+    verify_inputs: bool = False  # hash every input and stage file again instead of trusting (path, size, mtime)
+    stream: str = "auto"  # candidates streamed a layer at a time: auto (when the memory plan says they do not fit), always, never
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
     checkpoints: tuple[str, ...] = ()  # NAME=DIR_OR_HUB_ID each: checkpoints made elsewhere (GPTQ, AWQ, merged) scored as candidates too
@@ -162,6 +161,8 @@ class RunSettings:
             raise QmergeError(f"--merged-dtype {self.merged_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         if self.merge_into not in ("nf4", "original"):
             raise QmergeError(f"--merge-into {self.merge_into!r} is unknown; use nf4 (the weights a QLoRA adapter was trained on) or original (a plain LoRA)")
+        if self.stream not in ("auto", "always", "never"):
+            raise QmergeError(f"--stream {self.stream!r} is unknown; use auto (when the memory plan needs it), always or never")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise QmergeError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
         unknown = sorted(set(self.candidates) - set(CANDIDATE_KINDS))

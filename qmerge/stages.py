@@ -28,7 +28,9 @@ from qmerge.io.inputs import load_base_config
 from qmerge.io.manifests import MANIFESTS, key_of, files_sha256
 from qmerge.merge.source import as_trained, effective_settings
 from qmerge.models.device import pick_device
-from qmerge.pipeline import StageRunner, calibration_key, common_parts, declare, gptq_stage, report_of, write_outputs
+from qmerge.pipeline import calibration_key, common_parts, declare, gptq_stage, in_process, report_of, scratch_dir, write_outputs
+from qmerge.plan import make as memory_plan
+from qmerge.runner import StageRunner
 from qmerge.prepare import Prepared, check_out, effective, gptq_plan, inputs_record, prepare
 from qmerge.quant.gptq import read_quant_log
 from qmerge.settings import GPTQSettings, NF4Settings, RunSettings
@@ -71,9 +73,14 @@ def merge(base: str, adapter, out: Path, values: dict, overwrite: bool, resume: 
     check_out(out, overwrite, resume)
     p = prepare(settings, data=verify)
     settings = effective(settings, p)
-    stage = next(s for s in declare(settings, p, out.parent, inputs_record(settings, p), False, echo, check_merge=verify) if s.name == "merged")
-    with _removed_on_error(out.parent):
-        StageRunner(out.parent, p.device, resume, echo).run(replace(stage, name=out.name))
+    plan = memory_plan(settings, p, out.parent, forked_workers=False)
+    plan.check()
+    declared = declare(settings, p, out.parent, inputs_record(settings, p), False, echo, plan, check_merge=verify)
+    stages = [replace(s, name=out.name) if s.name == "merged" else s for s in declared if s.name in ("nf4", "merged")]  # DIR/nf4 first when the merge reads it
+    runner = StageRunner(out.parent, resume, echo, in_process(stages, p.device), verify=settings.verify_inputs)
+    with _removed_on_error(out.parent), _scratch(out.parent):
+        for stage in stages:
+            runner.run(stage)
     return out
 
 
@@ -102,7 +109,7 @@ def quantize(merged: Path, out: Path, values: dict, overwrite: bool, resume: boo
     device = pick_device(settings.device)
     p = Prepared(merged, (), device, calibration, (), shapes, settings.nf4, False, remote, plan=plan)
     stage = gptq_stage(out.name, merged.name, p, merged.parent, settings, calibration_key(calibration), common_parts(settings, device), verbose)
-    runner = StageRunner(out.parent, device, resume, echo)
+    runner = StageRunner(out.parent, resume, echo, in_process([stage], device))
     runner.keys[merged.name] = upstream
     torch.manual_seed(settings.seed)
     with _removed_on_error(out.parent):
@@ -121,14 +128,19 @@ def evaluate(base: str, adapter, out: Path, values: dict, overwrite: bool, resum
     p = prepare(replace(settings, resume=True))  # resume: out holds the stages it reads
     settings = effective(settings, p)
     inputs = inputs_record(settings, p)
-    stages = declare(settings, p, out, inputs, verbose, echo)
-    runner = StageRunner(out, p.device, resume, echo)
-    for stage in stages[:-1]:  # the stages the drift stage reads, as they are in out
-        runner.keys[stage.name], manifest = _stage_key(out / stage.name)
-        runner.infos[stage.name] = manifest.get("info", {}) if manifest else {}
-    with _removed_on_error(out):
+    plan = memory_plan(settings, p, out, forked_workers=False)
+    plan.check()
+    stages = declare(settings, p, out, inputs, verbose, echo, plan)
+    runner = StageRunner(out, resume, echo, in_process(stages, p.device), verify=settings.verify_inputs)
+    with _removed_on_error(out), _scratch(out):
+        for stage in stages[:-1]:  # the stages the drift stage reads, as they are in out
+            if stage.name == "nf4":  # the base as trained, which the reference loads: made here when out lacks it
+                replace(runner, resume=True).run(stage)  # shares the runner's keys and records
+                continue
+            runner.keys[stage.name], manifest = _stage_key(out / stage.name)
+            runner.infos[stage.name] = manifest.get("info", {}) if manifest else {}
         runner.run(stages[-1])
-    report = report_of(settings, p, out, inputs, runner)
+    report = report_of(settings, p, out, inputs, runner, plan)
     write_outputs(report, settings, out, echo)
     return out, report
 
@@ -170,6 +182,15 @@ def _stage_key(directory: Path) -> tuple[str, dict | None]:
         return manifest["key"], manifest
     except (OSError, ValueError, KeyError):
         return (key_of(files=files_sha256(directory)) if directory.is_dir() else "absent"), None
+
+
+@contextlib.contextmanager
+def _scratch(root: Path):
+    """The run's scratch directory (offloaded layers, the on-disk reference cache) removed at the end."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(scratch_dir(root), ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ The usual workflow (the tutorial one), one process per step as a user runs it:
   gptq       GPTQModel load / quantize / save of that, same QuantizeConfig and calibration windows
   ppl ×3     a perplexity script per model on the same eval windows: the QLoRA model (bnb 4-bit base
              + adapter), the merged model, the GPTQ model
-qmerge: `qmerge run --candidates merged,gptq` (reference, merged, GPTQ and the noise floor). Plus a bare
-GPTQModel call on qmerge's own merged model, which qmerge's GPTQ stage is compared with.
+qmerge: `qmerge run --candidates merged,gptq` (reference, merged, GPTQ and the noise floor); with
+--all-candidates also `qmerge run` with every default candidate. Plus a bare GPTQModel call on
+qmerge's own merged model, which qmerge's GPTQ stage is compared with.
 Every step runs in a fresh process (peak RSS from its rusage, see benchlib); perplexities are
 computed in float32 as qmerge's drift stage computes.
 """
@@ -124,20 +125,34 @@ def usual(a: dict, work: Path) -> dict:
     return dict(runs=runs, bytes=size)
 
 
-def qmerge(a: dict, work: Path) -> dict:
+def qmerge(a: dict, work: Path, candidates: str = "merged,gptq") -> dict:
     out = work / "qmerge-out"
     argv = [
         *benchlib.python(), "-m", "qmerge.cli", "run", "--base", a["base"], "--adapter", a["adapter"], "--out", str(out), "--device", a["device"],
         "--calibration", "stdlib", "--calibration-samples", str(a["calibration_samples"]), "--eval", "stdlib", "--eval-samples", str(a["eval_samples"]),
-        "--seq-len", str(a["seq_len"]), "--group-size", str(a["group_size"]), "--candidates", "merged,gptq",
+        "--seq-len", str(a["seq_len"]), "--group-size", str(a["group_size"]), *(["--candidates", candidates] if candidates else []),
     ]
     m = benchlib.run_child(argv)
     stages = json.loads((out / "report.json").read_text())["stages"]
-    bare = run_step("gptq", dict(a, model=str(out / "merged"), out=str(work / "bare-gptq")))
+    bare = run_step("gptq", dict(a, model=str(out / "merged"), out=str(work / "bare-gptq"))) if candidates else None
     size = benchlib.dir_bytes(out / "merged") + benchlib.dir_bytes(out / "gptq")
     shutil.rmtree(out)
-    shutil.rmtree(work / "bare-gptq")
+    shutil.rmtree(work / "bare-gptq", ignore_errors=True)
     return dict(run=m, stages=stages, bare=bare, bytes=size)
+
+
+def qmerge_all(a: dict, work: Path) -> dict:
+    """qmerge with every default candidate (merged, original, peft-nf4, rtn, gptq, base, noise floor)."""
+    return qmerge(a, work, candidates="")
+
+
+def all_candidates_line(usuals: list[dict], alls: list[dict]) -> str:
+    med = benchlib.median
+    u_total, u_rss = med([sum(m.wall_s for m in r["runs"].values()) for r in usuals]), med([max(m.peak_rss_mb for m in r["runs"].values()) for r in usuals])
+    total, rss = med([q["run"].wall_s for q in alls]), med([q["run"].peak_rss_mb for q in alls])
+    stages = ", ".join(f"{k} {med([q['stages'][k]['wall_s'] for q in alls]):.1f} s" for k in alls[0]["stages"])
+    return (f"With every default candidate (merged, original, peft-nf4, rtn, gptq, base and the noise floor): total wall {total:.1f} s = "
+            f"**{total / u_total:.2f}×** the usual workflow's three models, peak RSS {rss:.0f} MB = **{rss / u_rss:.2f}×** (stages: {stages}).")
 
 
 def table(usuals: list[dict], qmerges: list[dict]) -> str:
@@ -147,12 +162,12 @@ def table(usuals: list[dict], qmerges: list[dict]) -> str:
         return med([r["runs"][s].wall_s for r in runs])
 
     rows = []
-    u_merge, q_merge = step_s(usuals, "merge"), med([q["stages"]["merged"]["wall_s"] for q in qmerges])
+    u_merge, q_merge = step_s(usuals, "merge"), med([sum(q["stages"][k]["wall_s"] for k in ("nf4", "merged") if k in q["stages"]) for q in qmerges])
     u_gptq, q_gptq = step_s(usuals, "gptq"), med([q["stages"]["gptq"]["wall_s"] for q in qmerges])
     u_ppl, q_drift = sum(step_s(usuals, s) for s in USUAL[2:]), med([q["stages"]["drift"]["wall_s"] for q in qmerges])
     u_total, q_total = med([sum(m.wall_s for m in r["runs"].values()) for r in usuals]), med([q["run"].wall_s for q in qmerges])
     u_rss, q_rss = med([max(m.peak_rss_mb for m in r["runs"].values()) for r in usuals]), med([q["run"].peak_rss_mb for q in qmerges])
-    rows.append(["merge (usual: process incl. imports; qmerge: stage)", f"{u_merge:.1f}", f"{q_merge:.1f}", f"{q_merge / u_merge:.2f}"])
+    rows.append(["merge (usual: process incl. imports; qmerge: nf4 + merged stages, verification included)", f"{u_merge:.1f}", f"{q_merge:.1f}", f"{q_merge / u_merge:.2f}"])
     rows.append(["GPTQ", f"{u_gptq:.1f}", f"{q_gptq:.1f}", f"{q_gptq / u_gptq:.2f}"])
     rows.append(["perplexity ×3 (usual) / drift (qmerge)", f"{u_ppl:.1f}", f"{q_drift:.1f}", f"{q_drift / u_ppl:.2f}"])
     rows.append(["**total wall s**", f"{u_total:.1f}", f"{q_total:.1f}", f"**{q_total / u_total:.2f}**"])
@@ -168,7 +183,7 @@ def table(usuals: list[dict], qmerges: list[dict]) -> str:
         ["usual step", "process wall s (median)", "stage s after imports", "peak RSS MB"],
         [[s, f"{step_s(usuals, s):.1f}", f"{med([r['runs'][s].result['stage_s'] for r in usuals]):.1f}", f"{med([r['runs'][s].peak_rss_mb for r in usuals]):.0f}"] for s in USUAL],
     )
-    bare = med([q["bare"].result["stage_s"] for q in qmerges])
+    bare = med([q["bare"].result["stage_s"] for q in qmerges if q["bare"]])
     overhead = f"qmerge's GPTQ stage {q_gptq:.1f} s against a bare GPTQModel load/quantize/save of the same merged model {bare:.1f} s (imports excluded from both): overhead {100 * (q_gptq / bare - 1):+.1f}%."
     per_rep = "; ".join(f"rep {i}: usual {sum(m.wall_s for m in u['runs'].values()):.0f} s, qmerge {q['run'].wall_s:.0f} s" for i, (u, q) in enumerate(zip(usuals, qmerges)))
     return f"{main}\n\n{steps}\n\n{overhead} Per repetition: {per_rep}."
@@ -184,6 +199,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--random", metavar="LxHxI", help="a random-weight Llama of L layers, hidden H, intermediate I instead of the demo")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qmerge-bench-pipeline"))
+    ap.add_argument("--all-candidates", action="store_true", help="also run qmerge with every default candidate in each repetition")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -194,14 +210,15 @@ def main() -> None:
         base, adapter, inputs = _random_inputs(args.random, base, args.work)
     a = dict(base=str(base), adapter=str(adapter), device=args.device, seq_len=args.seq_len, group_size=args.group_size,
              calibration_samples=args.calibration_samples, eval_samples=args.eval_samples)
-    usuals, qmerges = [], []
+    results: dict = {usual: [], qmerge: [], qmerge_all: []}
+    workflows = [usual, qmerge, *([qmerge_all] if args.all_candidates else [])]
     with benchlib.LoadSampler() as load:
         for rep in range(args.reps):
-            order = (usual, qmerge) if rep % 2 == 0 else (qmerge, usual)
-            for workflow in order:
+            for workflow in workflows if rep % 2 == 0 else workflows[::-1]:
                 result = workflow(a, args.work)
-                (usuals if workflow is usual else qmerges).append(result)
+                results[workflow].append(result)
                 print(f"rep {rep} {workflow.__name__}: {_brief(result)}", flush=True)
+    usuals, qmerges = results[usual], results[qmerge]
     shutil.rmtree(args.work, ignore_errors=True)
     tag = f"{args.device}-random-{args.random}" if args.random else args.device
     text = (
@@ -209,6 +226,7 @@ def main() -> None:
         f"so wall times carry that noise (peak RSS does not). Inputs: {inputs}, GPTQ 4-bit g{args.group_size}, {args.calibration_samples} calibration and {args.eval_samples} eval windows "
         f"of {args.seq_len} tokens (stdlib preset), device {args.device}, {args.reps} repetitions alternating which workflow runs first, medians.\n\n"
         f"{table(usuals, qmerges)}"
+        + (f"\n\n{all_candidates_line(usuals, results[qmerge_all])}" if args.all_candidates else "")
     )
     print(text)
     if args.write:
@@ -237,7 +255,8 @@ def _random_inputs(shape: str, demo_base: Path, work: Path) -> tuple[Path, Path,
 def _brief(result: dict) -> str:
     if "runs" in result:
         return ", ".join(f"{s} {m.wall_s:.0f} s / {m.peak_rss_mb:.0f} MB" for s, m in result["runs"].items())
-    return f"{result['run'].wall_s:.0f} s / {result['run'].peak_rss_mb:.0f} MB, stages {json.dumps(result['stages'])}, bare GPTQ {result['bare'].result['stage_s']} s"
+    bare = f", bare GPTQ {result['bare'].result['stage_s']} s" if result["bare"] else ""
+    return f"{result['run'].wall_s:.0f} s / {result['run'].peak_rss_mb:.0f} MB, stages {json.dumps(result['stages'])}{bare}"
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class Measured:
     result: dict = field(default_factory=dict)
 
 
-def run_child(argv: list[str], cgroup: Path | None = None, env: dict | None = None, log: Path | None = None) -> Measured:
+def run_child(argv: list[str], cgroup: Path | None = None, env: dict | None = None, log: Path | None = None, cwd: Path = REPO) -> Measured:
     """Run `argv` in a fresh process (inside `cgroup` when given); raise with its log when it fails.
 
     The child's last stdout line, when it is JSON, is its own report (e.g. the stage's wall time
@@ -44,7 +44,7 @@ def run_child(argv: list[str], cgroup: Path | None = None, env: dict | None = No
     join = (lambda: _join_cgroup(cgroup)) if cgroup else None
     with tempfile.TemporaryFile("w+") as out, (open(log, "w+") if log else tempfile.TemporaryFile("w+")) as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, preexec_fn=join, env={**os.environ, **(env or {})}, cwd=REPO)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, preexec_fn=join, env={**os.environ, **(env or {})}, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again

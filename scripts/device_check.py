@@ -1,7 +1,9 @@
 """Every GPU check in one run (see scripts/device_check.sh): NF4 round trip on the GPU against what
 bitsandbytes' Linear4bit holds there and against the CPU round trip; the tiny-model pipeline on the
 GPU with merged-vs-reference KLD; copy and disk bandwidth; the merge, GPTQ and drift stages on a
-random Llama-2-7B-shaped checkpoint. Prints one table and writes results.json + results.md to --out."""
+random Llama-2-7B-shaped checkpoint; and (`--only run8b`, on its own: it takes most of a 15-minute
+lease) the whole `qmerge run` on a random Llama-3-8B-shaped model, per-stage wall and peak GPU memory
+beside the memory plan's estimate. Prints one table and writes results.json + results.md to --out."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,17 +144,20 @@ def bandwidth(work: Path) -> None:
     path.unlink()
 
 
-def write_7b(work: Path, layers: int) -> tuple[Path, Path]:
-    """A random Llama-2-7B-shaped bf16 checkpoint and a random r=16 all-linear adapter, made on the GPU."""
+def write_llama(work: Path, name: str, layers: int, hidden: int = 4096, intermediate: int = 11008, kv_heads: int = 32, vocab: int = 32000) -> tuple[Path, Path]:
+    """A random Llama-shaped bf16 checkpoint (Llama-2-7B's shape by default) and a random r=16
+    all-linear adapter, made on the GPU."""
     from transformers import LlamaConfig
 
     from conftest import make_tokenizer
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
-    base, adapter = work / "7b-base", work / "7b-adapter"
+    head = hidden // 32
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=kv_heads,
+                      vocab_size=vocab, max_position_embeddings=8192, tie_word_embeddings=False)
+    base, adapter = work / f"{name}-base", work / f"{name}-adapter"
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(base)
-    make_tokenizer(base, 512)  # GPTQModel loads a tokenizer with the model
+    make_tokenizer(base, 512)  # GPTQModel loads a tokenizer with the model; the text uses 512 of the vocabulary's ids
     writer = ShardWriter(base, max_shard_bytes=5 * 1024**3)
     lora = {}
     g = torch.Generator(device=GPU).manual_seed(0)
@@ -159,25 +165,25 @@ def write_7b(work: Path, layers: int) -> tuple[Path, Path]:
     def rnd(*shape):
         return (torch.randn(shape, generator=g, device=GPU) * 0.02).to(torch.bfloat16).cpu()
 
-    writer.add("model.embed_tokens.weight", rnd(32000, 4096))
-    shapes = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
-              "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096), "mlp.down_proj": (4096, 11008)}
+    writer.add("model.embed_tokens.weight", rnd(vocab, hidden))
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * head, hidden), "self_attn.v_proj": (kv_heads * head, hidden),
+              "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden), "mlp.down_proj": (hidden, intermediate)}
     for i in range(layers):
-        for name, (o, n) in shapes.items():
-            key = f"model.layers.{i}.{name}"
+        for module, (o, n) in shapes.items():
+            key = f"model.layers.{i}.{module}"
             writer.add(f"{key}.weight", rnd(o, n))
             lora[f"base_model.model.{key}.lora_A.weight"] = (torch.randn(16, n, generator=g, device=GPU) * 0.01).cpu()
             lora[f"base_model.model.{key}.lora_B.weight"] = (torch.randn(o, 16, generator=g, device=GPU) * 0.01).cpu()
-        writer.add(f"model.layers.{i}.input_layernorm.weight", torch.ones(4096, dtype=torch.bfloat16))
-        writer.add(f"model.layers.{i}.post_attention_layernorm.weight", torch.ones(4096, dtype=torch.bfloat16))
-    writer.add("model.norm.weight", torch.ones(4096, dtype=torch.bfloat16))
-    writer.add("lm_head.weight", rnd(32000, 4096))
+        writer.add(f"model.layers.{i}.input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        writer.add(f"model.layers.{i}.post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    writer.add("lm_head.weight", rnd(vocab, hidden))
     writer.finish()
     from safetensors.torch import save_file
 
     adapter.mkdir()
     save_file(lora, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": list(shapes)}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": [m.split(".")[1] for m in shapes]}))
     return base, adapter
 
 
@@ -187,7 +193,7 @@ def merge_7b(work: Path, layers: int) -> None:
     from qmerge.merge.streaming import merge
 
     t = time.perf_counter()
-    base, adapter_dir = write_7b(work, layers)
+    base, adapter_dir = write_llama(work, "7b", layers)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     record(f"7b-shaped ({layers} layers) checkpoint GB / write s", [round(size / 1e9, 2), round(time.perf_counter() - t, 1)])
     adapter = load_adapter(adapter_dir)
@@ -251,11 +257,41 @@ def drift_7b(work: Path, deadline: float) -> None:
     record("7b drift mean KLD (random weights)", {name: m["kld_mean"] for name, m in result["metrics"].items()})
 
 
+@step
+def llama3_8b_run(work: Path, deadline: float, calibration: int) -> None:
+    """Issue 15's GPU measurement: the whole `qmerge run` with default candidates on a random-weight
+    Llama-3-8B-shaped model (vocabulary 128256, 8 KV heads) with a rank-16 all-linear adapter, 32
+    eval windows of 2048 tokens: wall and peak GPU memory per stage beside the memory plan's estimate
+    (goal: peak ≤ 4-bit reference + one 16-bit candidate + 6 GB, whole run ≤ 10 min)."""
+    if past(deadline - 480, "llama-3-8b run"):
+        return
+    t = time.perf_counter()
+    base, adapter = write_llama(work, "l3", 32, 4096, 14336, 8, 128256)
+    record("llama-3-8b-shaped checkpoint: write s", round(time.perf_counter() - t, 1))
+    out = work / "l3-out"
+    cmd = [sys.executable, "-m", "qmerge.cli", "run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", "cuda", "--seq-len", "2048",
+           "--eval-samples", "32", "--calibration-samples", str(calibration), "--group-size", "128"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=max(60, deadline - time.time()))
+    record("llama-3-8b run: wall s, exit status", [round(time.perf_counter() - t, 1), done.returncode])
+    print(done.stdout[-4000:], done.stderr[-4000:], flush=True)
+    if done.returncode != 0:
+        return
+    rep = json.loads((out / "report.json").read_text())
+    record("llama-3-8b stages: wall s, peak GPU MB, peak RSS MB", {k: [v.get("wall_s"), v.get("peak_gpu_mb"), v.get("peak_rss_mb")] for k, v in rep["stages"].items()})
+    record("llama-3-8b plan: estimated peak MB per stage and device", {k: v["peak_mb"] for k, v in rep["plan"]["stages"].items()})
+    record("llama-3-8b plan: eval batch, streamed candidates, reference cache in memory MB", [rep["plan"][k] for k in ("eval_batch", "stream", "cache_in_memory_mb")])
+    record("llama-3-8b mean KLD (random weights: shows the path runs)", {n: m["kld_mean"] for n, m in rep["evaluations"][0]["metrics"].items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--only", default="nf4,tiny,bandwidth,7b", help="comma-separated subset of the checks")
+    parser.add_argument("--only", default="nf4,tiny,bandwidth,7b", help="comma-separated subset of the checks: nf4, tiny, bandwidth, 7b, run8b (issue 15's whole run; give it a run of its own)")
+    parser.add_argument("--calibration-samples", type=int, default=128, help="calibration windows of the run8b check")
+    parser.add_argument("--deadline", type=float, default=840, help="seconds the whole script may take (run8b stops its run there)")
     parser.add_argument("--gptq-after", type=float, default=240, help="skip the 7B GPTQ if this many seconds have passed")
     parser.add_argument("--drift-after", type=float, default=360, help="skip the 7B drift stage if this many seconds have passed")
     args = parser.parse_args()
@@ -278,6 +314,8 @@ def main() -> None:
             merge_7b(work, args.layers)
             gptq_7b(work, start + args.gptq_after)
             drift_7b(work, start + args.drift_after)
+        if "run8b" in only:
+            llama3_8b_run(work, start + args.deadline, args.calibration_samples)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = "| check | result |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     (args.out / "results.md").write_text(table + "\n")

@@ -6,6 +6,8 @@
 #   logbar, tokenicer, device-smi, defuser (pure-Python wheels pip built here: ~/.cache/pip/wheels).
 # They install to /tmp/site. Run: device tool `run` with carry [".whl"] and
 #   bash scripts/device_check.sh [--only nf4,tiny,bandwidth,7b]
+# Issue 15's measurement (the whole run on a Llama-3-8B-shaped model, ~10 min of a lease) on its own:
+#   bash scripts/device_check.sh --only run8b [--calibration-samples 128]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/device}

@@ -69,7 +69,7 @@ def test_every_candidate_has_a_row(run):
     assert c["gptq-original"]["path"] == str(out / "gptq-original") and (out / "gptq-original" / "quantize_config.json").exists()
     assert c["merged"]["path"] == str(out / "merged") and c["rtn"]["path"] is None and c["peft-nf4"]["path"] is None
     assert c["noise-floor"]["compute_dtype"] == "bfloat16" and c["peft-nf4"]["compute_dtype"] == "float32"
-    assert set(rep["stages"]) == {"merged", "gptq", "merged-original", "gptq-original", "drift"}
+    assert set(rep["stages"]) == {"nf4", "merged", "gptq", "merged-original", "gptq-original", "drift"}
     assert len(rep["gptq_log"]) == 14 and list(rep["budgets"]) == ["max_kld"] and rep["budgets"]["max_kld"]["ok"]
     for e in rep["evaluations"]:
         assert list(e["metrics"]) == list(rep["candidates"]) == list(e["layers"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from qmerge.eval.metrics import clustered_mean, compare, log_probs, quantile, reference_stats, summarize, token_stats
@@ -50,15 +51,22 @@ def test_token_stats_with_shared_reference_is_bit_identical_to_the_per_candidate
             assert torch.equal(getattr(s, field), want), field
         assert 0 < s.top1_same.sum() < s.top1_same.numel() and s.kld.min() > 0  # the comparisons are not vacuous
 
-def test_compare_in_chunks_equals_the_whole_batch_at_once():
-    """metrics.compare works on 64 positions at a time to bound memory; its per-token series, in (B, T)
-    order, equal token_stats of the whole batch (float32 logits, as models return them)."""
+@pytest.mark.parametrize("head_bytes", [64 * 2**20, 4 * 500 * 64])  # one span per window; spans of 64 positions
+def test_compare_in_chunks_equals_the_whole_batch_at_once(head_bytes, monkeypatch):
+    """metrics.compare projects spans of positions and runs the metric math on 64 positions at a time
+    to bound memory; its per-token series, in (B, T) order, equal token_stats of the whole batch
+    (float32 logits, as models return them). The "heads" here are the identity on the logits."""
+    from qmerge.eval import metrics
+
+    monkeypatch.setattr(metrics, "HEAD_BYTES", head_bytes)
+    vocab = 500
     g = torch.Generator().manual_seed(4)
-    ref_logits = torch.randn(2, 150, 500, generator=g) * 3
+    ref_logits = torch.randn(2, 150, vocab, generator=g) * 3
     logits = ref_logits + torch.randn(ref_logits.shape, generator=g) * 0.3
-    targets = torch.randint(0, 500, (2, 150), generator=g)
+    targets = torch.randint(0, vocab, (2, 150), generator=g)
     whole = token_stats(reference_stats(log_probs(ref_logits), targets), log_probs(logits))
-    chunked = compare(ref_logits, logits, targets)
+    identity = lambda x: x  # noqa: E731
+    chunked = compare(identity, identity, ref_logits, logits, targets, vocab)
     for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
         assert torch.allclose(getattr(chunked, field).double(), getattr(whole, field).double(), rtol=1e-12, atol=0), field
 

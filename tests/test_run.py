@@ -24,7 +24,7 @@ def run_out(tiny_run) -> tuple[Path, dict]:
 
 def test_layout_and_gptq_checkpoint(run_out):
     out, rep = run_out
-    stages = ["drift", "gptq", "gptq-original", "manifests", "merged", "merged-original"]
+    stages = ["drift", "gptq", "gptq-original", "manifests", "merged", "merged-original", "nf4"]
     assert sorted(p.name for p in out.iterdir()) == [*stages, "recipe.resolved.yaml", "report.html", "report.json", "report.md"]
     assert not list(out.glob(".*"))  # no partial stage left
     qc = json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]
@@ -37,7 +37,7 @@ def test_layout_and_gptq_checkpoint(run_out):
         assert torch.isfinite(model(torch.randint(3, 512, (2, 16))).logits).all()
     assert len(rep["gptq_log"]) == 14 and all(r["loss"] >= 0 for r in rep["gptq_log"])
     saved = json.loads((out / "report.json").read_text())
-    assert saved["schema_version"] == 2 and set(saved["stages"]) == {"merged", "gptq", "merged-original", "gptq-original", "drift"}
+    assert saved["schema_version"] == 2 and set(saved["stages"]) == {"nf4", "merged", "gptq", "merged-original", "gptq-original", "drift"}
     assert len(saved["inputs"]["base"]["sha256"]) == 64 and saved["versions"]["gptqmodel"].startswith("7.7")
 
 

@@ -23,10 +23,10 @@ import torch
 from qmerge.eval.drift import NOISE_FLOOR
 from qmerge.io.dtypes import torch_dtype
 from qmerge.merge.adapter import Mix
-from qmerge.models.base import dequantized
 from qmerge.io.inputs import resolve
 from qmerge.models.checkpoints import candidate_dtype, is_quantized, load_baseline, load_candidate
 from qmerge.models.precision import describe as arithmetic
+from qmerge.models.placement import Placement, as_placement
 from qmerge.models.reference import peft_nf4
 from qmerge.quant import rtn, sizes
 from qmerge.quant.gptq_float import load_float32, stores_gptq_v1
@@ -50,7 +50,7 @@ class Sources:
     gptq: GPTQSettings
     merged_dtype: str
     linears: dict[str, tuple[int, int]]  # (out, in) of every linear layer GPTQ quantizes (bits per weight are over these)
-    device: torch.device
+    device: torch.device | Placement  # where the candidates live (models.placement)
     trust_remote_code: bool = False
     checkpoints: tuple[str, ...] = ()  # NAME=DIR_OR_HUB_ID of the checkpoints made elsewhere
     nf4_linears: frozenset[str] = frozenset()  # the layers bitsandbytes quantized (PEFT's 4-bit merge re-rounds these)
@@ -94,21 +94,24 @@ def build(kind: str, src: Sources, reference: torch.nn.Module) -> tuple[torch.nn
     linears = set(src.linears)
     merged = sizes.checkpoint_layout(src.out / "merged")  # every other tensor, stored as DIR/merged stores it
     if kind == "rtn":
-        model = rtn.apply(load_candidate(src.out / "merged", src.device, remote), linears, src.gptq)
+        place = as_placement(src.device)
+        model = rtn.apply(load_candidate(src.out / "merged", place, remote), linears, src.gptq, place.streamed)
         return model, sizes.with_linears(merged, linears, sizes.gptq_tensors(src.linears, src.gptq))
     if kind == "peft-nf4":
-        model = peft_nf4(reference)
-        layout = sizes.with_linears(merged, src.nf4_linears, sizes.state_tensors(model, src.nf4_linears))
-        return dequantized(model), layout
+        model = peft_nf4(reference)  # held in 4-bit, dequantized layer by layer as it runs
+        return model, sizes.with_linears(merged, src.nf4_linears, sizes.state_tensors(model, src.nf4_linears))
     model = load_baseline(kind, src.base_dir, src.mix, src.device, remote, store_dtype=src.merged_dtype)
     return model, merged  # "original": the same tensors and dtype as DIR/merged
 
 
-def load_checkpoint(path: Path, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_checkpoint(path: Path, where: torch.device | Placement, trust_remote_code: bool = False) -> torch.nn.Module:
     """A candidate checkpoint computing in float32: a GPTQ v1 checkpoint as the float32 weights it
-    stores (every row at one precision, whatever kernel a server picks), a float one upcast per use;
-    another quantized one made elsewhere through its kernels (see load_candidate)."""
-    return (load_float32 if stores_gptq_v1(path) else load_candidate)(path, device, trust_remote_code)
+    stores (every row at one precision, whatever kernel a server picks; resident), a float one upcast
+    per use (resident, spread or streamed as `where` says); another quantized one made elsewhere
+    through its kernels (see load_candidate)."""
+    if stores_gptq_v1(path):
+        return load_float32(path, as_placement(where).device, trust_remote_code)
+    return load_candidate(path, where, trust_remote_code)
 
 
 def compute_dtype(kind: str, src: Sources) -> str:
@@ -118,7 +121,7 @@ def compute_dtype(kind: str, src: Sources) -> str:
         return src.nf4.compute_dtype
     path = path_of(kind, src) if kind.startswith(CHECKPOINT) else None
     if path is not None and is_quantized(path) and not stores_gptq_v1(path):
-        return str(candidate_dtype(path, src.device)).removeprefix("torch.")
+        return str(candidate_dtype(path, as_placement(src.device).device)).removeprefix("torch.")
     return "float32"
 
 
@@ -132,7 +135,7 @@ def describe(kind: str, tensors: dict[str, int] | None, src: Sources) -> dict:
         "context": kind in CONTEXT,
         "path": str(path) if path is not None else None,
         "compute_dtype": dtype,
-        "arithmetic": arithmetic(torch_dtype(dtype), src.device),  # "emulated": float32 with the dtype's roundings
+        "arithmetic": arithmetic(torch_dtype(dtype), as_placement(src.device).device),  # "emulated": float32 with the dtype's roundings
         "size_bytes": size,
         "bits_per_weight": None if kind in CONTEXT else bpw,
     }

@@ -3,57 +3,64 @@ bitsandbytes, adapter unmerged via PEFT), on one shared token stream.
 
 Every model computes in float32, so the numbers measure weights rather than arithmetic. The
 training-time compute dtype (bf16 by default) is measured separately as the noise floor: the same
-reference with its 4-bit layers computing in that dtype (emulated in float32 where the device has no
-native bf16, qmerge.models.precision).
+reference with its 4-bit layers computing in that dtype (`noise_floor`; emulated in float32 where the
+device has no native bf16, qmerge.models.precision).
 
-Memory: candidates are built and scored one at a time, each against a fresh forward of the
-reference, so only the reference (4-bit) and one candidate are ever resident; a float checkpoint
-stays in its stored dtype and upcasts each weight as it is used (`float32_compute`). The price is
-one reference forward per candidate instead of one in all; keeping every candidate resident instead
-made the drift stage the peak of a run (4.2 GB of a 4.3 GB run for SmolLM2-135M with two
-candidates, BENCHMARKS.md), and on a GPU would not fit a 7B model's float32 candidates side by side.
-Full-vocabulary logits and hidden states exist for one batch only, and the metric math runs on
-chunks of positions (`metrics.compare`).
+The reference runs once per eval window: its pass keeps what the metrics need (each layer's hidden
+state, the last one being the head's input) in a ReferenceCache, in memory or on disk by budget, and
+every candidate is then built, scored against the cache and released before the next one is built,
+so one candidate is resident beside the reference. Inside a forward nothing whole-batch is kept:
+each decoder layer's output is reduced against the reference's as the layer finishes (models.taps),
+and logits exist one chunk of positions at a time, projected from the final hidden state.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
-
 from qmerge.eval.finite import check_finite
 from qmerge.eval.metrics import compare, kld_histogram, per_window, summarize
+from qmerge.eval.refcache import Key, ReferenceCache
 from qmerge.io.dtypes import torch_dtype
-from qmerge.io.memory import release
-from qmerge.io.progress import Progress
+from qmerge.io.memory import release, trim
+from qmerge.io.progress import Progress as Bar
 from qmerge.models.precision import computing_in
+from qmerge.models.taps import Taps
 
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
+REFERENCE = "reference"
+CACHE_BUDGET = 256 * 2**20  # bytes of reference cache held in memory; more goes to disk
+
+Build = Callable[[], torch.nn.Module]
+# progress(model, batches done, batches of that model): called after every batch, the reference's first
+Progress = Callable[[str, int, int], None]
+
+
+@contextlib.contextmanager
+def noise_floor(reference: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """The noise-floor model: the reference with its 4-bit layers computing in the training compute
+    dtype, for as long as the block runs."""
+    with computing_in(reference, dtype):
+        yield reference
 
 
 class LayerDrift:
     """Per decoder layer, summed over tokens: ‖h − h_ref‖², ‖h_ref‖² and the cosine of h with h_ref,
     so the relative Frobenius error and the mean per-token cosine come out over the whole eval set."""
 
-    def __init__(self) -> None:
-        self.diff: list[float] = []
-        self.ref: list[float] = []
-        self.cos: list[float] = []
+    def __init__(self, layers: int) -> None:
+        self.diff, self.ref, self.cos = ([0.0] * layers for _ in range(3))
         self.tokens = 0
 
-    def add(self, ref_hidden: tuple[torch.Tensor, ...], hidden: tuple[torch.Tensor, ...]) -> None:
-        """Hidden states as transformers returns them (embeddings first, then one per decoder layer,
-        the last one after the final norm)."""
-        if not self.diff:
-            self.diff, self.ref, self.cos = ([0.0] * (len(ref_hidden) - 1) for _ in range(3))
-        for i, (r, h) in enumerate(zip(ref_hidden[1:], hidden[1:])):
-            r, h = r.double(), h.double()
-            self.diff[i] += (h - r).pow(2).sum().item()
-            self.ref[i] += r.pow(2).sum().item()
-            self.cos[i] += torch.nn.functional.cosine_similarity(h, r, dim=-1).sum().item()
-        self.tokens += ref_hidden[0].shape[0] * ref_hidden[0].shape[1]
+    def add(self, index: int, ref: torch.Tensor, hidden: torch.Tensor) -> None:
+        r, h = ref.to(hidden.device).double(), hidden.double()
+        self.diff[index] += (h - r).pow(2).sum().item()
+        self.ref[index] += r.pow(2).sum().item()
+        self.cos[index] += torch.nn.functional.cosine_similarity(h, r, dim=-1).sum().item()
 
     def rows(self) -> list[dict]:
         return [
@@ -62,41 +69,39 @@ class LayerDrift:
         ]
 
 
-Build = Callable[[], torch.nn.Module]
-
-
 class Tally:
     """What one eval set has measured so far: per-token series and layer drift, per model."""
 
-    def __init__(self, windows: torch.Tensor, scored_bytes: int | None = None) -> None:
+    def __init__(self, index: int, windows: torch.Tensor, scored_bytes: int | None = None) -> None:
+        self.index = index
         self.windows = windows
         self.scored_bytes = scored_bytes
         self.series: dict[str, defaultdict[str, list[torch.Tensor]]] = {}
         self.layers: dict[str, LayerDrift] = {}
 
-    def add(self, reference: torch.nn.Module, models: dict[str, torch.nn.Module | None], start: int, batch_size: int, floor_dtype: torch.dtype) -> None:
-        """Score windows [start, start + batch_size) of every model against one reference forward
-        (a None model is the noise floor: the reference in the training compute dtype)."""
-        device = next(reference.parameters()).device
-        ids = self.windows[start : start + batch_size].to(device)
-        inputs, targets = ids[:, :-1], ids[:, 1:]
-        ref_out = reference(input_ids=inputs, output_hidden_states=True)
-        check_finite(ref_out.logits, "the reference (QLoRA as trained)", start)
-        for name, model in models.items():  # one model's outputs alive at a time: 100 MB of logits each for SmolLM2
-            if model is None:
-                with computing_in(reference, floor_dtype):  # emulated in float32 where the device lacks the dtype
-                    out = reference(input_ids=inputs, output_hidden_states=True)
-            else:
-                out = model(input_ids=inputs, output_hidden_states=True)
-            check_finite(out.logits, f"candidate {name!r}", start)
-            self.layers.setdefault(name, LayerDrift()).add(ref_out.hidden_states, out.hidden_states)
-            s = compare(ref_out.logits, out.logits, targets)
-            del out
-            acc = self.series.setdefault(name, defaultdict(list))
-            for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
-                acc[field].append(getattr(s, field).cpu())
-        del ref_out
-        release()  # glibc keeps the batch's freed activations otherwise, and a heap fragmented by earlier stages grew by 1 GB over 8 windows
+    def batches(self, batch_size: int) -> Iterator[tuple[Key, torch.Tensor]]:
+        for start in range(0, len(self.windows), batch_size):
+            yield (self.index, start), self.windows[start : start + batch_size]
+
+    def record_reference(self, ref: Taps, cache: ReferenceCache, key: Key, ids: torch.Tensor) -> None:
+        final = ref.run(ids[:, :-1], lambda i, h: cache.put(key, i, h))
+        check_finite(final, "the reference (QLoRA as trained)", key[1])
+        ref.check_head(ids[:, :-1], final)
+
+    def score(self, name: str, ref: Taps, taps: Taps, cache: ReferenceCache, key: Key, ids: torch.Tensor) -> None:
+        """One batch of one model against the cached reference: layer drift as each layer finishes,
+        then the token statistics a chunk of positions at a time."""
+        layers = self.layers.setdefault(name, LayerDrift(len(taps.layers)))
+        final = taps.run(ids[:, :-1], lambda i, h: layers.add(i, cache.get(key, i), h))
+        check_finite(final, f"candidate {name!r}", key[1])
+        taps.check_head(ids[:, :-1], final)
+        ref_final = cache.get(key, len(ref.layers) - 1).to(final.device)
+        targets = ids[:, 1:].to(final.device)
+        layers.tokens += targets.numel()
+        s = compare(ref.logits, taps.logits, ref_final, final, targets, ref.config.vocab_size)
+        acc = self.series.setdefault(name, defaultdict(list))
+        for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
+            acc[field].append(getattr(s, field).cpu())
 
     def result(self, order: list[str]) -> dict:
         """{"metrics": per model in `order`, every number against the reference, the per-token KLD
@@ -113,6 +118,14 @@ class Tally:
         return {"metrics": metrics, "layers": {name: self.layers[name].rows() for name in order}}
 
 
+def cache_bytes(reference: torch.nn.Module, windows: Sequence[torch.Tensor]) -> int:
+    """Bytes the reference cache holds for these eval sets: every layer's float32 hidden state of
+    every scored window."""
+    config = Taps(reference).config
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    return sum(len(w) * (w.shape[1] - 1) for w in windows) * layers * hidden * 4
+
+
 @torch.inference_mode()
 def evaluate(
     reference: torch.nn.Module,
@@ -122,29 +135,67 @@ def evaluate(
     batch_size: int = 1,
     show_progress: bool = True,
     scored_bytes: Sequence[int | None] | None = None,
+    cache_budget: int = CACHE_BUDGET,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> list[dict]:
     """Per eval set (`windows`, one tensor of windows each): Tally.result of every candidate and
     the noise floor against the reference.
 
-    Each candidate is built when its turn comes, scored on every eval set, and released before the
-    next is built; the noise floor rides along with the first. Scored positions: in each window of L
+    The reference runs first, once per batch, into the cache; then each candidate is built when its
+    turn comes, scored on every eval set, and released before the next is built; the noise floor is
+    the reference itself in the training compute dtype. Scored positions: in each window of L
     tokens, the L−1 next-token predictions from the window's own prefix (no context carried across
     windows); standard errors are clustered by window."""
     floor_dtype = torch_dtype(training_compute_dtype)
-    tallies = [Tally(w, b) for w, b in zip(windows, scored_bytes or [None] * len(windows))]
-    passes = [[name] for name in candidates] or [[]]
-    if floor_dtype != torch.float32:
-        passes[0].append(NOISE_FLOOR)
+    tallies = [Tally(i, w, b) for i, (w, b) in enumerate(zip(windows, scored_bytes or [None] * len(windows)))]
+    names = [*candidates, *([NOISE_FLOOR] if floor_dtype != torch.float32 else [])]
     batches = sum(-(-len(t.windows) // batch_size) for t in tallies)
-    with Progress(len(passes) * batches, "drift", "batch", enabled=None if show_progress else False) as bar:
-        for names in passes:
-            bar.note(", ".join(names))
-            models = {name: None if name == NOISE_FLOOR else candidates[name]() for name in names}
-            for tally in tallies:
-                for start in range(0, len(tally.windows), batch_size):
-                    tally.add(reference, models, start, batch_size, floor_dtype)
-                    bar.update()
-            del models
+    ref = Taps(reference)
+    with ReferenceCache(cache_bytes(reference, windows), cache_budget, cache_dir) as cache, _reporter(progress, show_progress, (1 + len(names)) * batches) as step:
+        for tally in tallies:
+            for done, (key, ids) in enumerate(tally.batches(batch_size), 1):
+                tally.record_reference(ref, cache, key, ids)
+                step(REFERENCE, done, batches)
+        for name in names:
+            with _model(name, candidates, reference, floor_dtype) as model:
+                _score(name, Taps(model), ref, tallies, cache, batch_size, lambda done: step(name, done, batches))
+            del model
             release()  # the candidate's weights go before the next one is built
-    order = [*candidates, *([NOISE_FLOOR] if floor_dtype != torch.float32 else [])]
-    return [t.result(order) for t in tallies]
+    return [t.result(names) for t in tallies]
+
+
+def _score(name: str, taps: Taps, ref: Taps, tallies: list[Tally], cache: ReferenceCache, batch_size: int, step: Callable[[int], None]) -> None:
+    done = 0
+    for tally in tallies:
+        for key, ids in tally.batches(batch_size):
+            tally.score(name, ref, taps, cache, key, ids)
+            trim()  # glibc keeps a batch's freed activations otherwise
+            done += 1
+            step(done)
+
+
+@contextlib.contextmanager
+def _model(name: str, candidates: Mapping[str, Build], reference: torch.nn.Module, floor_dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    if name == NOISE_FLOOR:
+        with noise_floor(reference, floor_dtype) as model:
+            yield model
+        return
+    model = candidates[name]()
+    release()  # what building it freed (a copy's temporaries) goes back before it runs
+    yield model
+
+
+@contextlib.contextmanager
+def _reporter(progress: Progress | None, show_progress: bool, total: int) -> Iterator[Progress]:
+    """The progress callback, plus progress over every batch of every model when asked (a bar on a
+    terminal, timed lines elsewhere), naming the model being scored."""
+    with Bar(total, "drift", "batch", enabled=None if show_progress else False) as bar:
+
+        def step(model: str, done: int, of: int) -> None:
+            bar.note(model)
+            bar.update()
+            if progress is not None:
+                progress(model, done, of)
+
+        yield step

@@ -9,6 +9,7 @@ small-sample factor), which is wider and honest where a per-token SE would be to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -68,21 +69,47 @@ def token_stats(ref: ReferenceStats, lp: torch.Tensor) -> TokenStats:
     )
 
 
-POSITIONS = 64  # per chunk in `compare`: (64, V) float64 temporaries, 25 MB at a 49k vocabulary
+Projection = Callable[[torch.Tensor], torch.Tensor]  # a model's head: hidden states (1, P, H) → float32 logits (1, P, V)
+POSITIONS = 64  # per chunk of metric math: (64, V) float64 temporaries, 25 MB at a 49k vocabulary
 
 
-def compare(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, positions: int = POSITIONS) -> TokenStats:
-    """token_stats of a candidate's logits (B, T, V) against the reference's, a chunk of positions at a
-    time, flattened in (B, T) order. Whole, one 512-token window of a 49k vocabulary would make five
-    200 MB float64 tensors (both log-probabilities, the reference's probabilities, their difference
-    and product); chunked, the metric math holds a few MB whatever the window length."""
-    parts = []
-    for b in range(targets.shape[0]):
-        for start in range(0, targets.shape[1], positions):
-            span = slice(start, start + positions)
-            ref = reference_stats(log_probs(ref_logits[b : b + 1, span]), targets[b : b + 1, span])
-            parts.append(token_stats(ref, log_probs(logits[b : b + 1, span])))
+def spans(batch: int, length: int, positions: int = POSITIONS) -> Iterator[tuple[int, slice]]:
+    """(window in the batch, span of positions): the chunks metric math runs on, in (B, T) order."""
+    for b in range(batch):
+        for start in range(0, length, positions):
+            yield b, slice(start, start + positions)
+
+
+def chunk_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+    """token_stats of one chunk of positions: logits (1, P, V) of the reference and a candidate."""
+    return token_stats(reference_stats(log_probs(ref_logits), targets), log_probs(logits))
+
+
+def concat(parts: list[TokenStats]) -> TokenStats:
     return TokenStats(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TokenStats)})
+
+
+HEAD_BYTES = 64 * 2**20  # float32 logits of one model per head projection (compare's spans)
+
+
+def head_positions(vocab: int) -> int:
+    """Positions per head projection in `compare`: as many whole metric chunks as HEAD_BYTES of
+    float32 logits hold (a 16-bit head upcasts its weight at each projection: fewer, longer spans
+    cost less)."""
+    return max(POSITIONS, HEAD_BYTES // (4 * vocab) // POSITIONS * POSITIONS)
+
+
+def compare(ref_project: Projection, project: Projection, ref_hidden: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, vocab: int) -> TokenStats:
+    """token_stats of a candidate against the reference for a batch of windows, flattened in (B, T)
+    order, from their final hidden states (B, T, H) and heads (`project`: a span of hidden states →
+    float32 logits). Logits exist for one span of head_positions(vocab) positions of one window at a
+    time, and the metric math runs on chunks of POSITIONS: whole, one 512-token window of a 49k
+    vocabulary would make five 200 MB float64 tensors; chunked, a few MB whatever the length."""
+    parts = []
+    for b, span in spans(*targets.shape, head_positions(vocab)):
+        ref_logits, logits, t = ref_project(ref_hidden[b : b + 1, span]), project(hidden[b : b + 1, span]), targets[b : b + 1, span]
+        parts += [chunk_stats(ref_logits[:, c], logits[:, c], t[:, c]) for _, c in spans(1, t.shape[1])]
+    return concat(parts)
 
 
 def _top5(lp: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """`qmerge verify`: is DIR/merged really base-as-trained + adapter? Checked against a recomputation
 that shares no code with qmerge's merge: transformers loads the base the way the adapter saw it
 (bitsandbytes' real Linear4bit weights, dequantized, for QLoRA; the 16-bit weights for a plain
-LoRA), PEFT merges the adapter into a float32 copy with its own merge_and_unload (so every LoRA
-variant PEFT knows is covered), and PEFT's unmerged model scores a few sequences against DIR/merged.
+LoRA), PEFT merges the adapter with its own merge, module by module in merge_and_unload's order
+(qmerge.eval.expected: one module in float32 at a time, never a float32 copy of the model, so every
+LoRA variant PEFT knows is covered), and PEFT's unmerged model scores a few sequences against
+DIR/merged.
 
 Tolerances come from the merged dtype: each stored weight may differ from the exact float32 value by
 its rounding (half an ulp: 2^-8 relative for bf16, 2^-11 for fp16, 2^-24 for float32) plus a tiny
@@ -17,15 +19,15 @@ from pathlib import Path
 import torch
 
 from qmerge.errors import VerifyError
-from qmerge.eval.finite import check_finite
-from qmerge.eval.metrics import compare
+from qmerge.eval.expected import peft_merged
+from qmerge.eval.drift import evaluate
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.memory import release
 from qmerge.io.progress import track
 from qmerge.merge.adapter import Mix
-from qmerge.models.base import dequantized
 from qmerge.models.checkpoints import load_candidate
-from qmerge.models.reference import load_reference, peft_model
+from qmerge.models.placement import Placement
+from qmerge.models.reference import load_reference
 from qmerge.settings import NF4Settings
 
 _HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
@@ -75,24 +77,37 @@ class Verification:
         }
 
 
-def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device, kind: str = "qlora",
-           windows: torch.Tensor | None = None, trust_remote_code: bool = False) -> Verification:
+def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device: torch.device | Placement, kind: str = "qlora",
+           windows: torch.Tensor | None = None, trust_remote_code: bool = False, merged_at: Placement | None = None, scratch: Path | None = None) -> Verification:
     """Compare DIR/merged with the independent recomputation, per tensor and by logits; returns the
-    numbers whatever they are (raise_if_failed turns a failure into VerifyError)."""
+    numbers whatever they are (raise_if_failed turns a failure into VerifyError). `merged_at`: where
+    DIR/merged lives for the logits check (resident on `device` by default, or streamed)."""
     if windows is None:
         windows = _sequences(base_dir, trust_remote_code)
     reference = load_reference(base_dir, mix, nf4, device, trust_remote_code, kind)
-    kld = _logits_kld(reference, merged_dir, windows, trust_remote_code)
-    expected = _peft_merged(reference.unload(), mix)  # the same loaded base, the adapters taken out unmerged
-    del reference
-    release()
+    build = {"merged": lambda: load_candidate(merged_dir, merged_at or device, trust_remote_code)}
+    kld = evaluate(reference, build, [windows], "float32", show_progress=False, cache_dir=scratch)[0]["metrics"]["merged"]["kld_mean"]
     merged = LazyCheckpoint.open(merged_dir)
+    stored_keys = set(merged.keys())
     dtypes: set[torch.dtype] = set()
     modules = []
-    for key in track(merged.keys(), "verify", "tensor"):
-        stored = merged.get(key)
-        dtypes.add(stored.dtype)
-        modules.append(_compare(key, stored, expected.get(key)))
+    base = reference.unload()  # the same loaded base, the adapters taken out unmerged
+    fused: dict[str, torch.Tensor] = {}
+    for key, expected in track(peft_merged(base, mix), "verify", "tensor", total=len(stored_keys)):
+        if key in stored_keys:
+            stored_keys.discard(key)
+            stored = merged.get(key)
+            dtypes.add(stored.dtype)
+            modules.append(_compare(key, stored, expected))
+        else:
+            fused[key] = expected
+    for key, expected in _as_stored(base, fused).items():  # fused MoE experts: one tensor per expert in a checkpoint
+        if key in stored_keys:
+            stored_keys.discard(key)
+            modules.append(_compare(key, merged.get(key), expected))
+    del reference, base, fused
+    release()
+    modules += [_compare(key, merged.get(key), None) for key in sorted(stored_keys)]  # tensors the recomputation has not
     modules.sort(key=lambda m: -m.of_tolerance)
     coarsest = max((d for d in dtypes if d in _HALF_ULP), key=_HALF_ULP.get, default=torch.float32)
     return Verification(modules, kld, KLD_LIMIT[coarsest], len(windows), _HALF_ULP[coarsest], str(coarsest).removeprefix("torch."))
@@ -103,16 +118,15 @@ def raise_if_failed(result: Verification) -> None:
         raise VerifyError(result.line() + "; DIR/merged is not the base as trained + the adapter: rerun the merge, and report a bug if it repeats")
 
 
-def _peft_merged(base: torch.nn.Module, mix: Mix) -> dict[str, torch.Tensor]:
-    """PEFT's merge of the adapters into a float32 copy of `base` (a load_base model, the base as the
-    adapter saw it): every bitsandbytes Linear4bit replaced by a plain Linear holding its weight as
-    trained. Keyed as a checkpoint stores the tensors: transformers' own reverse conversion (what
-    save_pretrained writes), so fused MoE experts come out one tensor per expert."""
+def _as_stored(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors keyed as the model holds them (fused MoE experts: one 3-D tensor) keyed as a checkpoint
+    stores them: transformers' own reverse conversion, what save_pretrained writes."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    merged = peft_model(dequantized(base), mix).merge_and_unload()
-    merged._weight_conversions = None  # the architecture's conversions only, not the 4-bit load's (which has no reverse)
-    return {k: v.detach() for k, v in revert_weight_conversion(merged, merged.state_dict()).items()}
+    if not tensors:
+        return {}
+    model._weight_conversions = None  # the architecture's conversions only, not the 4-bit load's (which has no reverse)
+    return revert_weight_conversion(model, tensors)
 
 
 def _compare(key: str, stored: torch.Tensor, expected: torch.Tensor | None) -> ModuleCheck:
@@ -151,19 +165,3 @@ def _sequences(base_dir: Path, trust_remote_code: bool) -> torch.Tensor:
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     return text.windows("stdlib", "eval", tokenizer, SEQ_LEN, SEQUENCES)
-
-
-@torch.inference_mode()
-def _logits_kld(reference: torch.nn.Module, merged_dir: Path, windows: torch.Tensor, trust_remote_code: bool) -> float:
-    """Mean KL(unmerged PEFT model ‖ DIR/merged) per position, both in float32, one window at a time."""
-    device = next(reference.parameters()).device
-    model = load_candidate(merged_dir, device, trust_remote_code)
-    klds = []
-    for i, window in enumerate(windows):
-        ids = window[None].to(device)
-        inputs, targets = ids[:, :-1], ids[:, 1:]
-        ref, got = reference(input_ids=inputs).logits, model(input_ids=inputs).logits
-        check_finite(ref, "the reference (QLoRA as trained)", i)
-        check_finite(got, f"the merged checkpoint {merged_dir}", i)
-        klds.append(compare(ref, got, targets).kld)
-    return torch.cat(klds).mean().item()

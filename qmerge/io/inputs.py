@@ -13,6 +13,9 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from qmerge.errors import QmergeError
+from qmerge.io.atomic import write_file
+from qmerge.io.corpus import cache_dir
+from qmerge.io.manifests import file_sha256, stamp
 
 def hub_patterns(trust_remote_code: bool = False) -> tuple[list[str], list[str]]:
     """(allow, ignore) patterns of a hub download: the top-level files a transformers or PEFT load reads."""
@@ -88,12 +91,53 @@ def quantization_method(quantization_config: dict) -> str:
     return method
 
 
-def tree_sha256(directory: Path) -> str:
-    """One hash over the names and bytes of every file under `directory` (inputs' identity in the report)."""
+def tree_sha256(directory: Path, verify: bool = False) -> str:
+    """One hash over the names and sha256s of every file under `directory` (inputs' identity in the
+    report and the stage keys). Each file is hashed once: its digest is kept in the hash cache under
+    its resolved path, size and modification time and reused while those stay the same (an 8B base
+    is 16 GB to read on every run otherwise); `verify` reads every file again."""
+    cache = HashCache.load()
     h = hashlib.sha256()
     for p in sorted(q for q in Path(directory).rglob("*") if q.is_file() and ".cache" not in q.parts):
         h.update(str(p.relative_to(directory)).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(cache.sha256(p, verify).encode())
+    cache.save()
     return h.hexdigest()
+
+
+class HashCache:
+    """sha256 of input files by (resolved path, size, modification time), in $QMERGE_CACHE."""
+
+    def __init__(self, path: Path, entries: dict):
+        self.path, self.entries, self.changed = path, entries, False
+
+    @classmethod
+    def load(cls) -> HashCache:
+        path = cache_dir() / "file-hashes.json"
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            entries = {}
+        return cls(path, entries if isinstance(entries, dict) else {})
+
+    def sha256(self, path: Path, verify: bool) -> str:
+        real = str(Path(path).resolve())  # a hub snapshot's files are links to its blobs
+        now = stamp(Path(real))
+        known = self.entries.get(real)
+        if not verify and isinstance(known, dict) and {k: known.get(k) for k in now} == now and "sha256" in known:
+            return known["sha256"]
+        digest = file_sha256(Path(real))
+        self.entries[real] = {"sha256": digest, **now}
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        """Written whole beside and renamed over, so concurrent runs never read half a file; a cache
+        that cannot be written (read-only home) only costs hashing again next time."""
+        if not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_file(self.path, json.dumps(self.entries))
+        except OSError:
+            pass

@@ -29,8 +29,28 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def files_sha256(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+def files_record(root: Path) -> dict[str, dict]:
+    """Every file under `root`: its sha256, and the size and modification time it had when hashed."""
+    return {str(p.relative_to(root)): {"sha256": file_sha256(p), **stamp(p)} for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def stamp(path: Path) -> dict:
+    """What changes whenever a file is written: its size and modification time (ns)."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def unchanged(path: Path, record: dict | str, verify: bool) -> bool:
+    """A stage file still holds what its manifest recorded: the same size and modification time (a
+    write, a truncation, a copy over it changes them), or with `verify` (and for a manifest without
+    stamps) the same sha256, read again."""
+    if not path.is_file():
+        return False
+    if isinstance(record, str):
+        return file_sha256(path) == record
+    if verify:
+        return file_sha256(path) == record["sha256"]
+    return stamp(path) == {"size": record["size"], "mtime_ns": record["mtime_ns"]}
 
 
 class StageCommitter:
@@ -47,9 +67,10 @@ class StageCommitter:
     def manifest_path(self, name: str) -> Path:
         return self.root / MANIFESTS / f"{name}.json"
 
-    def reusable(self, name: str, key: str) -> dict | None:
+    def reusable(self, name: str, key: str, verify: bool = False) -> dict | None:
         """The stage's recorded info when `name` was finished with this key and every file it listed
-        is unchanged; None otherwise."""
+        is unchanged (by size and modification time; with `verify`, by its bytes hashed again);
+        None otherwise."""
         try:
             manifest = json.loads(self.manifest_path(name).read_text())
         except (OSError, json.JSONDecodeError):
@@ -57,7 +78,7 @@ class StageCommitter:
         if manifest.get("key") != key:
             return None
         out = self.root / name
-        ok = all((out / rel).is_file() and file_sha256(out / rel) == digest for rel, digest in manifest["files"].items())
+        ok = all(unchanged(out / rel, record, verify) for rel, record in manifest["files"].items())
         return manifest.get("info", {}) if ok else None
 
     @contextlib.contextmanager
@@ -69,7 +90,7 @@ class StageCommitter:
         manifest = self.manifest_path(name)
         with building(self.root / name) as tmp:
             yield tmp
-            files = files_sha256(tmp)
+            files = files_record(tmp)
             manifest.unlink(missing_ok=True)
         manifest.parent.mkdir(exist_ok=True)  # only now: a run whose first stage failed leaves no DIR/manifests
         record = {"stage": name, "key": key_of(**parts), "produced_by": parts, "files": files, "info": info}

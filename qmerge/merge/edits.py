@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import AutoModelForCausalLM
 
+from qmerge.io.memory import trim
 from qmerge.merge.adapter import Adapter, Mix, check_fits
 from qmerge.merge.source import Source
 from qmerge.errors import QmergeError
@@ -129,13 +130,23 @@ def _without_copies(adapter: Adapter, base: Source, aliases: dict[str, str]) -> 
 
 
 @torch.no_grad()
-def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device) -> None:
+def apply_to_model(model: torch.nn.Module, mix: Mix, device: torch.device, dtype: torch.dtype | None = None) -> Edits:
     """The mix merged into a loaded model's own weights (the "merged into original" baseline), with
-    the same edits and tie rule as a merge into the NF4 base."""
+    the same edits and tie rule as a merge into the NF4 base; each edited tensor computed in float32
+    and, with `dtype`, rounded to it at once, so no float32 copy of the model ever exists. Weights not
+    loaded (on the meta device: a streamed model's) are left to the caller, with the Edits returned."""
     edits = Edits(mix, tie_of(model))
-    for key in edits.keys():
+
+    def stored(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, dtype) if dtype is not None and tensor.is_floating_point() else tensor.to(device)
+
+    for i, key in enumerate(sorted(edits.keys())):
         param = model.get_parameter(key)
-        param.data = edits.apply(key, param.data, device)
+        if not param.is_meta:
+            param.data = stored(edits.apply(key, param.data, device))
+        if i % 16 == 15:
+            trim()  # each tensor's float32 temporaries, before they fragment the heap
     for key, tensor in edits.extra_tensors():
-        model.get_submodule(key.rpartition(".")[0]).weight = torch.nn.Parameter(tensor.to(device), requires_grad=False)
+        model.get_submodule(key.rpartition(".")[0]).weight = torch.nn.Parameter(stored(tensor), requires_grad=False)
         model.config.tie_word_embeddings = False
+    return edits

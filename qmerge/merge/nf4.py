@@ -61,27 +61,54 @@ def as_computed(exact: torch.Tensor, compute_dtype: str) -> torch.Tensor:
 
 
 def exact_round_trip(weight: torch.Tensor, nf4: NF4Settings, device: torch.device) -> torch.Tensor:
-    """dequantize(quantize_4bit(W)), exact (code × absmax), as float32 on `device`: bitsandbytes' own
-    kernels on a GPU, its CPU arithmetic reproduced bit for bit on the CPU (qmerge.merge.nf4_cpu, ~10×
-    faster). A weight whose rows are not whole blocks stays with bitsandbytes: its CPU kernel on
-    AVX-512 reads the scales of such rows per row rather than per flat block, and the merge must hold
-    what the reference and verify compute with on the same CPU."""
-    if device.type == "cpu" and weight.shape[-1] % nf4.blocksize == 0:
-        try:
-            return nf4_cpu.round_trip(weight, nf4.blocksize, nf4.quant_type, nf4.double_quant, torch.float32)
-        except nf4_cpu.NonFinite:
-            pass  # NaN or Inf weights: whatever bitsandbytes makes of them
-    return _bitsandbytes_round_trip(weight.to(device=device, dtype=torch.float32), nf4)
-
-
-def _bitsandbytes_round_trip(w: torch.Tensor, nf4: NF4Settings) -> torch.Tensor:
+    """dequantize(quantize_4bit(W)), exact (code × absmax), as float32 on `device`."""
     import bitsandbytes.functional as F
 
-    packed, state = F.quantize_4bit(
-        w,
-        blocksize=nf4.blocksize,
-        compress_statistics=nf4.double_quant,
-        quant_type=nf4.quant_type,
-        quant_storage=torch_dtype(nf4.quant_storage),
-    )
-    return F.dequantize_4bit(packed, state)
+    w = weight.to(device=device, dtype=torch.float32)
+    if _reproduced(w, nf4):
+        try:
+            return nf4_cpu.round_trip(w, nf4.blocksize, nf4.quant_type, nf4.double_quant, torch.float32)
+        except nf4_cpu.NonFinite:
+            pass  # NaN or Inf weights: whatever bitsandbytes makes of them
+    return F.dequantize_4bit(*_bitsandbytes_quantize(w, nf4))
+
+
+def quantize(weight: torch.Tensor, nf4: NF4Settings, device: torch.device):
+    """quantize_4bit(W) from float32 on `device`: (packed codes, QuantState), as bitsandbytes' own."""
+    w = weight.to(device=device, dtype=torch.float32)
+    if _reproduced(w, nf4):
+        try:
+            return as_bitsandbytes(nf4_cpu.quantize(w, nf4.blocksize, nf4.quant_type, nf4.double_quant), torch_dtype(nf4.quant_storage))
+        except nf4_cpu.NonFinite:
+            pass
+    return _bitsandbytes_quantize(w, nf4)
+
+
+def _reproduced(w: torch.Tensor, nf4: NF4Settings) -> bool:
+    """Whether qmerge.merge.nf4_cpu computes this weight's quantization: on the CPU bitsandbytes looks
+    each weight up by a scalar binary search, ~10× slower than nf4_cpu's bit-identical reproduction.
+    A weight whose rows are not whole blocks stays with bitsandbytes: its CPU kernel on AVX-512
+    dequantizes such rows' scales per row rather than per flat block, and the merge must hold what the
+    reference and verify compute with on the same CPU."""
+    return w.device.type == "cpu" and w.shape[-1] % nf4.blocksize == 0
+
+
+def _bitsandbytes_quantize(w: torch.Tensor, nf4: NF4Settings):
+    import bitsandbytes.functional as F
+
+    return F.quantize_4bit(w, blocksize=nf4.blocksize, compress_statistics=nf4.double_quant, quant_type=nf4.quant_type, quant_storage=torch_dtype(nf4.quant_storage))
+
+
+def as_bitsandbytes(q: nf4_cpu.Quantized, storage: torch.dtype):
+    """nf4_cpu's result as bitsandbytes' quantize_4bit returns it: (packed codes, QuantState), the
+    nested state as its quantize_blockwise makes it."""
+    from bitsandbytes.functional import QuantState, get_4bit_type
+
+    code = get_4bit_type(q.quant_type, device="cpu")
+    if q.nested is None:
+        state = QuantState(absmax=q.absmax, shape=q.shape, code=code, blocksize=q.blocksize, quant_type=q.quant_type, dtype=q.dtype)
+    else:
+        inner = QuantState(absmax=q.nested.absmax, code=nf4_cpu.dynamic_map(), blocksize=nf4_cpu.NESTED_BLOCK, dtype=torch.float32)
+        state = QuantState(absmax=q.nested.codes, shape=q.shape, code=code, blocksize=q.blocksize, quant_type=q.quant_type, dtype=q.dtype,
+                           offset=q.nested.offset, state2=inner)
+    return q.packed(storage), state

@@ -76,7 +76,7 @@ class Quantized:
         """The float32 scale of each block as dequantization uses it (double quantization undone)."""
         if self.nested is None:
             return self.absmax
-        values = torch.index_select(_dynamic_map(), 0, self.nested.codes.int())
+        values = torch.index_select(dynamic_map(), 0, self.nested.codes.int())
         blocks = _blocks(values, NESTED_BLOCK)
         scaled = torch.cat([(b * a[:, None]).view(-1) for b, a in zip(blocks, self.nested.absmax.split([len(b) for b in blocks]))])
         return scaled + self.nested.offset
@@ -212,7 +212,7 @@ def _blocks(flat: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 @cache
-def _dynamic_map() -> torch.Tensor:
+def dynamic_map() -> torch.Tensor:
     from bitsandbytes.functional import create_dynamic_map
 
     return create_dynamic_map()
@@ -222,7 +222,7 @@ def _dynamic_map() -> torch.Tensor:
 def _dynamic_lut() -> torch.Tensor:
     """bitsandbytes' CPU quantization table: entry i = the count of code midpoints below
     −1 + 2i/65535 (all in float32), the nearest code with ties going down."""
-    code = _dynamic_map()
+    code = dynamic_map()
     midpoints = 0.5 * (code[:-1] + code[1:])
     grid = -1.0 + torch.arange(65536, dtype=torch.float32) * 2.0 / 65535.0
     return torch.searchsorted(midpoints, grid).int()

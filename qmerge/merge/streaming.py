@@ -22,7 +22,7 @@ from qmerge.io.progress import track
 from qmerge.merge.source import as_trained
 from qmerge.settings import NF4Settings
 
-_WEIGHT_FILES = ("*.safetensors", INDEX_NAME, "*.bin", "*.pt", "*.pth", "*.gguf")
+WEIGHT_FILES = ("*.safetensors", INDEX_NAME, "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _write_metadata(base_dir: Path, out_dir: Path, config, dtype: str) -> None:
     """Tokenizer, chat template, generation config copied; config without quantization_config."""
     for p in base_dir.iterdir():
-        if p.is_file() and p.name != "config.json" and not any(p.match(g) for g in _WEIGHT_FILES):
+        if p.is_file() and p.name != "config.json" and not any(p.match(g) for g in WEIGHT_FILES):
             shutil.copy2(p, out_dir / p.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -6,6 +6,7 @@ compute dtype, qmerge.merge.nf4.as_computed), upcast exactly; or the 16-bit base
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,23 +16,29 @@ from qmerge.io.dtypes import dtype_name, torch_dtype
 from qmerge.io.memory import release
 from qmerge.merge.nf4 import as_computed, bnb_config
 from qmerge.merge.source import is_prequantized
+from qmerge.models.float32 import float32_compute
 from qmerge.models.loading import from_pretrained
+from qmerge.models.placement import Placement, as_placement, load_kwargs
 from qmerge.settings import NF4Settings
 
 
-def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device, kind: str = "qlora", trust_remote_code: bool = False):
+def load_base(base_dir: Path, nf4: NF4Settings | None, device: torch.device | Placement, kind: str = "qlora", trust_remote_code: bool = False):
     """The base model the adapter was trained on, computing in float32 with the weights as trained:
     kind="qlora" loaded in 4-bit by bitsandbytes (a 16-bit base quantized with the training settings
     `nf4`, a pre-quantized checkpoint as stored), each 4-bit layer computing with its 4-bit values
     rounded to the training compute dtype `nf4.compute_dtype` (what bitsandbytes' forward multiplies
     by in training); kind="lora" the base as stored (the 16-bit weights; a pre-quantized checkpoint
-    has no others)."""
+    has no others), held in their stored dtype and upcast per use. On one device, or spread over
+    several GPUs (a Placement with max_memory); never streamed."""
     import bitsandbytes as bnb
 
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    place = load_kwargs(replace(as_placement(device), stream=None), config, trust_remote_code)
+    if kind == "lora" and not is_prequantized(config):  # held as stored, computing in float32: bit-identical, half the memory
+        return float32_compute(from_pretrained(base_dir, "the base", dtype="auto", trust_remote_code=trust_remote_code, **place))
     # quantization_config only when bitsandbytes is to quantize (None would drop a checkpoint's own)
     quantize = {"quantization_config": bnb_config(nf4, compute_dtype="float32")} if kind == "qlora" and not is_prequantized(config) else {}
-    model = from_pretrained(base_dir, "the base", dtype=torch.float32, device_map={"": device}, trust_remote_code=trust_remote_code, **quantize)
+    model = from_pretrained(base_dir, "the base", dtype=torch.float32, trust_remote_code=trust_remote_code, **place, **quantize)
     trained = torch_dtype(nf4.compute_dtype) if nf4 is not None else torch.float32
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):

@@ -4,12 +4,24 @@ at half its memory."""
 
 from __future__ import annotations
 
+import types
+
 import torch
+
+
+UPCAST_ELEMENTS = 1 << 24  # a weight upcast whole up to this size (64 MB in float32), by blocks of rows beyond
 
 
 class _Float32Linear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+        bias = None if self.bias is None else self.bias.float()
+        if self.weight.numel() <= UPCAST_ELEMENTS or self.weight.dtype == torch.float32:
+            return torch.nn.functional.linear(x, self.weight.float(), bias)
+        # a vocabulary-sized head (128256 × 4096: a 2.1 GB float32 copy), an 8B model's MLP: the output a block
+        # of rows at a time (the same products: each output is one row's dot product, whatever the block)
+        rows = max(1, UPCAST_ELEMENTS // self.weight.shape[1])
+        parts = [torch.nn.functional.linear(x, self.weight[r : r + rows].float(), None if bias is None else bias[r : r + rows]) for r in range(0, self.weight.shape[0], rows)]
+        return torch.cat(parts, dim=-1)
 
 
 class _Float32Embedding(torch.nn.Embedding):
@@ -27,6 +39,8 @@ def float32_compute(model: torch.nn.Module) -> torch.nn.Module:
             module.__class__ = _Float32Linear
         elif type(module) is torch.nn.Embedding:
             module.__class__ = _Float32Embedding
+        if hasattr(module, "_old_forward"):  # accelerate's hook calls the forward it found at load: the new class's now
+            module._old_forward = types.MethodType(type(module).forward, module)
         big = {"weight"} if isinstance(module, (_Float32Linear, _Float32Embedding)) else set()
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and name not in big:
@@ -35,3 +49,15 @@ def float32_compute(model: torch.nn.Module) -> torch.nn.Module:
             if buf.is_floating_point():
                 module._buffers[name] = buf.float()  # in place of the entry: persistence unchanged
     return model
+
+
+@torch.no_grad()
+def round_stored(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter of a float32_compute model rounded to `dtype`, as a checkpoint of that dtype
+    stores it: the weights it upcasts per use are held in `dtype`, the small tensors stay float32
+    holding the rounded values."""
+    for module in model.modules():
+        held = {"weight"} if isinstance(module, (_Float32Linear, _Float32Embedding)) else set()
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype) if name in held else param.data.to(dtype).float()

@@ -63,6 +63,7 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype):
     device = next(model.parameters()).device
     emulate = not native(dtype, device)
     biases = {m: m.bias.data for m in layers if m.bias is not None}
+    forwards = {m: m.__dict__.get("forward") for m in layers}  # load_base's as-trained forward, restored after
     for m in layers:
         if emulate:
             m.forward = _emulated_forward(m, dtype)
@@ -73,6 +74,8 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype):
     finally:
         for m in layers:
             m.__dict__.pop("forward", None)
+            if forwards[m] is not None:
+                m.forward = forwards[m]
             m.compute_dtype = torch.float32
         for m, data in biases.items():
             m.bias.data = data

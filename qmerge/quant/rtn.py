@@ -8,8 +8,11 @@ times the scale stored in float16. GPTQ-vs-RTN therefore isolates what GPTQ's He
 
 from __future__ import annotations
 
+import types
+
 import torch
 
+from qmerge.io.memory import trim
 from qmerge.models.architecture import linear_layers
 from qmerge.models.engine import gptqmodel
 from qmerge.settings import GPTQSettings
@@ -26,25 +29,74 @@ def quantizer(gptq: GPTQSettings):
     return q
 
 
-def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:
-    """The (out, in) weight rounded group by group to the GPTQ grid, as float32."""
+def levels_and_scales(weight: torch.Tensor, gptq: GPTQSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out, in) weight rounded group by group to the GPTQ grid: integer levels (q − zero)
+    and each group's scale as the checkpoint stores it (float16), shape (out, groups)."""
     q = quantizer(gptq)
     w = weight.detach().float()
-    out = torch.empty_like(w)
     step = w.shape[1] if gptq.group_size == -1 else gptq.group_size
+    levels = torch.empty(w.shape, dtype=torch.int8 if gptq.bits < 8 else torch.int16, device=w.device)  # 8-bit asymmetric levels reach ±255
+    scales = []
     for start in range(0, w.shape[1], step):
         group = w[:, start : start + step]
         q.find_params(group, weight=True)
-        levels = torch.round(q.quantize(group) / q.scale)  # integer q − zero, exactly
-        out[:, start : start + step] = levels * q.scale.half().float()
-    return out
+        levels[:, start : start + step] = torch.round(q.quantize(group) / q.scale).to(torch.int8)  # integer q − zero, exactly
+        scales.append(q.scale.half().reshape(-1, 1))
+    return levels, torch.cat(scales, dim=1)
+
+
+def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:
+    """The (out, in) weight rounded group by group to the GPTQ grid, as float32: levels times the
+    float16 scale (more bits than a 16-bit weight has)."""
+    levels, scales = levels_and_scales(weight, gptq)
+    return _dequantize(levels, scales)
+
+
+def _dequantize(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    step = levels.shape[1] // scales.shape[1]
+    return levels.float() * scales.float().repeat_interleave(step, dim=1)
+
+
+class RoundedLinear(torch.nn.Module):
+    """A linear layer held as its RTN levels (int8) and float16 group scales, the weight made in
+    float32 when the layer runs: a quarter of a float32 copy's memory, the same products."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gptq: GPTQSettings):
+        super().__init__()
+        levels, scales = levels_and_scales(weight, gptq)
+        self.register_buffer("levels", levels)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, _dequantize(self.levels, self.scales), self.bias)
+
+
+class _RoundedWhenRun(torch.nn.Linear):
+    """A streamed linear layer (its weight brought in as it runs) rounded to the GPTQ grid each time it
+    runs: nothing held between runs, the products of RoundedLinear."""
+
+    gptq: GPTQSettings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, fake_quantize(self.weight, self.gptq), None if self.bias is None else self.bias.float())
 
 
 @torch.no_grad()
-def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings) -> torch.nn.Module:
-    """Round the weights of the linear layers `names` (the layers GPTQ quantizes, as the checkpoint
-    names them: fused MoE experts become per-expert layers first), held in float32: levels times a
-    float16 scale need more bits than a 16-bit weight has."""
-    for linear in linear_layers(model, names).values():
-        linear.weight = torch.nn.Parameter(fake_quantize(linear.weight, gptq), requires_grad=False)
+def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings, streamed: bool = False) -> torch.nn.Module:
+    """The linear layers `names` (the layers GPTQ quantizes, as the checkpoint names them: fused MoE
+    experts become per-expert layers first) replaced by their round-to-nearest on the GPTQ grid, held
+    as levels and scales; in a streamed model (models.placement) rounded as each runs."""
+    linears = linear_layers(model, names)
+    for i, name in enumerate(sorted(linears)):
+        if i % 16 == 15:
+            trim()  # each layer's float32 temporaries, before they fragment the heap
+        linear = linears[name]
+        if streamed:
+            linear.__class__ = _RoundedWhenRun
+            linear.gptq = gptq
+            if hasattr(linear, "_old_forward"):  # accelerate's hook calls the forward it found at load
+                linear._old_forward = types.MethodType(_RoundedWhenRun.forward, linear)
+        else:
+            model.set_submodule(name, RoundedLinear(linear.weight, linear.bias, gptq))
     return model

@@ -1,0 +1,133 @@
+"""What the drift engine reads from inside a forward pass, without transformers materialising it.
+
+`model(ids, output_hidden_states=True)` keeps every layer's hidden state of the batch alive at once
+(33 × B × T × H float32 for an 8B model) and the head computes full-vocabulary float32 logits for
+the whole batch (B × T × 128256 × 4 bytes). Instead:
+
+- `Taps.run` calls each decoder layer's output callback as the layer finishes (a forward hook), so
+  a layer's hidden state can be reduced or stored and freed before the next layer runs;
+- the head's input (the final, normed hidden state) is captured and the head itself runs on zero
+  positions; `Taps.logits` then projects any span of positions on demand, so logits exist one chunk
+  of positions at a time.
+
+Which modules are the decoder layers is read from transformers' own record of what its
+`hidden_states` output collects (`_can_record_outputs`), so the rows are the same as
+`output_hidden_states` gives: layer i < L−1 is decoder layer i's output, and the last row is the
+normed final hidden state (transformers ties the last hidden state to it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from qmerge.errors import QmergeError
+
+LayerCallback = Callable[[int, torch.Tensor], None]
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers CausalLM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose outputs transformers reports as hidden states, in order."""
+    from transformers import PreTrainedModel
+
+    for module in causal_lm(model).modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        spec = (getattr(module, "_can_record_outputs", None) or {}).get("hidden_states")
+        target = getattr(spec, "target_class", spec)
+        if isinstance(target, type):
+            layers = [m for m in module.modules() if isinstance(m, target)]
+            if layers:
+                return layers
+    raise QmergeError(f"{type(causal_lm(model)).__name__} does not say which modules produce its hidden states; qmerge cannot measure per-layer drift on it")
+
+
+def _post_process(config, logits: torch.Tensor) -> torch.Tensor:
+    """What transformers' CausalLM heads do to the head's output (softcapping, logit scales)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool):
+        logits = logits / divisor
+    return logits
+
+
+class Taps:
+    """One model's decoder layers and head, for forwards that expose each layer's output as it is
+    made and the head's input instead of its logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        lm = causal_lm(model)
+        self.config = lm.config
+        self.layers = decoder_layers(model)
+        self.head = lm.get_output_embeddings()
+        if self.head is None:
+            raise QmergeError(f"{type(lm).__name__} has no output embeddings (lm_head); qmerge measures causal language models")
+        self.checked = False
+
+    @property
+    def input_device(self) -> torch.device:
+        embeddings = causal_lm(self.model).get_input_embeddings()
+        hook = getattr(embeddings, "_hf_hook", None)  # accelerate: where the layer computes
+        device = getattr(hook, "execution_device", None)
+        return torch.device(device) if device is not None else next(embeddings.parameters()).device
+
+    def run(self, ids: torch.Tensor, on_layer: LayerCallback) -> torch.Tensor:
+        """Forward `ids` (B, T); `on_layer(i, hidden)` for every decoder layer but the last, then for
+        the last row with the final normed hidden state, which is also returned."""
+        captured: list[torch.Tensor] = []
+        with self._hooked(on_layer, captured):
+            self.model(input_ids=ids.to(self.input_device), use_cache=False)
+        final = captured[0]
+        on_layer(len(self.layers) - 1, final)
+        return final
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits for a span of positions of its final hidden state, float32."""
+        return _post_process(self.config, self.head(hidden)).float()
+
+    def check_head(self, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Once per model: logits from the captured hidden state agree with the model's own on a
+        short prefix; an architecture that post-processes its logits in another way is refused
+        rather than measured wrong."""
+        if self.checked:
+            return
+        k = min(16, ids.shape[1])
+        own = self.model(input_ids=ids[:1, :k].to(self.input_device), use_cache=False).logits.float()
+        mine = self.logits(hidden[:1, :k])
+        scale = own.abs().max().clamp_min(1e-6)
+        if not torch.allclose(mine.to(own.device), own, rtol=1e-3, atol=1e-3 * scale.item()):
+            raise QmergeError(f"{type(causal_lm(self.model)).__name__} computes its logits in a way qmerge does not reproduce (softcapping or scaling it does not know); it cannot be measured")
+        self.checked = True
+
+    @contextlib.contextmanager
+    def _hooked(self, on_layer: LayerCallback, captured: list[torch.Tensor]) -> Iterator[None]:
+        def head_input(_module, args):
+            captured.append(args[0])
+            return (args[0][..., :0, :],)  # the head runs on no position: its logits come by chunks
+
+        def layer_output(index: int):
+            def hook(_module, _args, output):
+                on_layer(index, output[0] if isinstance(output, tuple) else output)
+
+            return hook
+
+        handles = [layer.register_forward_hook(layer_output(i)) for i, layer in enumerate(self.layers[:-1])]
+        handles.append(self.head.register_forward_pre_hook(head_input))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,126 @@
+"""The drift engine's memory shape on the tiny model: the reference runs once for all candidates and
+its cache (in memory or on disk) gives metrics bit-identical to recomputing it; layer outputs come
+from hooks and equal transformers' hidden states; logits exist a chunk of positions at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qmerge.eval import drift
+from qmerge.eval.metrics import POSITIONS
+from qmerge.merge.adapter import load_mix
+from qmerge.models.checkpoints import load_candidate
+from qmerge.models.reference import load_reference
+from qmerge.models.taps import Taps
+from qmerge.settings import NF4Settings
+from test_drift import eval_windows
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base, tiny_adapter):
+    return load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), CPU)
+
+
+def test_reference_once_is_bit_identical_to_recomputing_it(reference, tiny_base, tiny_run, tmp_path):
+    """Two candidates scored against one reference pass (cache in memory) give exactly the numbers
+    of each scored alone against its own fresh reference pass (cache on disk)."""
+    windows = eval_windows(tiny_base)[:3]
+    builds = {"base": lambda: load_candidate(tiny_base, CPU), "merged": lambda: load_candidate(tiny_run.merged, CPU)}
+    together = drift.evaluate(reference, builds, [windows, windows[1:]], "bfloat16", batch_size=2, show_progress=False)
+    for name, build in builds.items():
+        alone = drift.evaluate(reference, {name: build}, [windows, windows[1:]], "float32", batch_size=2, show_progress=False, cache_budget=0, cache_dir=tmp_path)
+        for t, a in zip(together, alone, strict=True):
+            assert t["metrics"][name] == a["metrics"][name] and t["layers"][name] == a["layers"][name], name
+    assert list(tmp_path.iterdir()) == []  # the disk cache is gone afterwards
+
+
+def test_cache_bytes_and_where(reference, tiny_base, tmp_path):
+    windows = eval_windows(tiny_base)
+    config = reference.get_base_model().config
+    assert drift.cache_bytes(reference, [windows]) == len(windows) * (windows.shape[1] - 1) * config.num_hidden_layers * config.hidden_size * 4
+    with drift.ReferenceCache(100, 99, tmp_path) as on_disk, drift.ReferenceCache(100, 100) as in_memory:
+        assert on_disk.on_disk and not in_memory.on_disk
+        for cache in (on_disk, in_memory):
+            a, b = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+            cache.put((0, 0), 0, a)
+            cache.put((0, 0), 1, b)
+            assert torch.equal(cache.get((0, 0), 1), b) and torch.equal(cache.get((0, 0), 0), a)
+
+
+def test_taps_give_transformers_hidden_states_and_chunked_logits(tiny_base):
+    """Hooked layer outputs equal output_hidden_states' rows bit for bit (the last row: the normed
+    final state); logits projected from it on a span equal the model's own; the head itself runs on
+    no position (no full-batch logits)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    taps = Taps(model)
+    seen: dict[int, torch.Tensor] = {}
+    head_positions = []
+    handle = taps.head.register_forward_hook(lambda _m, _a, out: head_positions.append(out.shape[-2]))
+    with torch.inference_mode():
+        final = taps.run(ids, lambda i, h: seen.setdefault(i, h.clone()))
+        handle.remove()
+        own = model(input_ids=ids, output_hidden_states=True)
+        chunk = taps.logits(final[:, 8:8 + POSITIONS])
+    assert head_positions == [0]
+    assert sorted(seen) == list(range(model.config.num_hidden_layers))
+    assert all(torch.equal(seen[i], own.hidden_states[i + 1]) for i in seen)
+    assert torch.allclose(chunk, own.logits[:, 8:8 + POSITIONS], rtol=1e-5, atol=1e-5)
+
+
+def test_candidates_built_in_memory_stay_in_storage_precision(reference, tiny_base, tiny_adapter, tiny_run):
+    """"original" is the streamed merge into the original weights (DIR/merged-original) exactly, held
+    in bf16; "base" in bf16; "rtn" as int8 levels with the products of its float32 rounding;
+    "peft-nf4" in 4-bit bitsandbytes layers."""
+    import bitsandbytes as bnb
+
+    from qmerge.eval import candidates
+    from qmerge.quant import rtn
+    from qmerge.settings import GPTQSettings
+    from test_drift import linear_shapes
+
+    gptq = GPTQSettings(group_size=32)
+    src = candidates.Sources(tiny_run.out, tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), gptq, "bfloat16", linear_shapes(tiny_run.merged), CPU)
+    ids = eval_windows(tiny_base)[:2, :-1]
+    built = {kind: candidates.build(kind, src, reference)[0] for kind in ("original", "base", "rtn", "peft-nf4")}
+    stream_merged = load_candidate(tiny_run.out / "merged-original", CPU)
+    rounded = AutoModelForCausalLM.from_pretrained(tiny_run.merged, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        for name in linear_shapes(tiny_run.merged):
+            lin = rounded.get_submodule(name)
+            lin.weight.copy_(rtn.fake_quantize(lin.weight, gptq))
+        assert torch.equal(built["original"](input_ids=ids).logits, stream_merged(input_ids=ids).logits)
+        assert torch.equal(built["rtn"](input_ids=ids).logits, rounded(input_ids=ids).logits)
+    q = "model.layers.0.self_attn.q_proj"
+    assert built["original"].get_submodule(q).weight.dtype == built["base"].get_submodule(q).weight.dtype == torch.bfloat16
+    assert built["rtn"].get_submodule(q).levels.dtype == torch.int8
+    assert isinstance(built["peft-nf4"].get_submodule(q), bnb.nn.Linear4bit)
+
+
+def test_streamed_candidates_give_the_numbers_of_resident_ones(reference, tiny_base, tiny_adapter, tiny_run, tmp_path):
+    """Candidates whose decoder layers are read from their checkpoint as each runs (accelerate's disk
+    offload; "original" with the adapter's edits applied on the way, "rtn" rounded from the stored
+    weights) score exactly as resident ones, and hold no decoder-layer weight in memory."""
+    from qmerge.eval import candidates
+    from qmerge.models.placement import Placement
+    from qmerge.settings import GPTQSettings
+    from test_drift import linear_shapes
+
+    windows = eval_windows(tiny_base)[:2]
+    results, held = {}, {}
+    for mode, where in (("resident", CPU), ("streamed", Placement(CPU, stream="disk", offload_dir=tmp_path))):
+        src = candidates.Sources(tiny_run.out, tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), GPTQSettings(group_size=32), "bfloat16", linear_shapes(tiny_run.merged), where)
+
+        def build(kind, src=src, mode=mode):
+            model = candidates.build(kind, src, reference)[0]
+            held[mode, kind] = model.get_submodule("model.layers.1.mlp.up_proj").weight.device.type if kind != "rtn" else "cpu"
+            return model
+
+        builds = {kind: (lambda kind=kind: build(kind)) for kind in ("merged", "original", "base", "rtn")}
+        results[mode] = drift.evaluate(reference, builds, [windows], "float32", show_progress=False)[0]
+    assert results["streamed"] == results["resident"]
+    assert {k: v for k, v in held.items() if k[0] == "streamed" and k[1] != "rtn"} == {("streamed", k): "meta" for k in ("merged", "original", "base")}

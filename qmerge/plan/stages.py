@@ -57,8 +57,10 @@ def candidate_bytes(kind: str, s: Shape, streamed: bool, settings: RunSettings, 
         if streamed:
             return sixteen_bit(s, True) + 4 * s.largest_linear
         return 2 * s.other + s.linear + (0 if cuda else 2 * s.linear)
-    # gptq, gptq-original: GPTQ layers (codes, scales, zeros); the rest in float32 beside the 16-bit pages it was read from on CPU, float16 on CUDA
-    return int(s.linear * (settings.gptq.bits / 8 + 0.05)) + (2 * s.other if cuda else 6 * s.other + GPTQ_ENGINE)
+    # gptq, gptq-original: GPTQ layers as their levels (int8; int16 at 8 bits) and float32 scales, the
+    # float32 weight of one layer in flight (quant.gptq_float); the rest as for a 16-bit checkpoint
+    levels = 1 if settings.gptq.bits < 8 else 2
+    return int(s.linear * (levels + 0.1)) + 4 * s.largest_linear + (2 * s.other if cuda else 6 * s.other)
 
 
 def sixteen_bit(s: Shape, streamed: bool) -> int:

@@ -3,9 +3,10 @@
 Every row of the drift report is scored at one precision. A GPTQ kernel computes in its own (Marlin:
 float16, where Gemma-family activations overflow), so the GPTQ row is instead a plain transformers
 model of the checkpoint's architecture: every tensor the checkpoint stores loaded as stored (with
-transformers' own key conversions), every quantized layer an nn.Linear holding its dequantized
-weight (qmerge.quant.gptq_weights, exact in float32), fused MoE experts turned into per-expert
-layers first (qmerge.models.architecture.linear_layers). Nothing is left as initialised: a tensor the
+transformers' own key conversions), every quantized layer held as it is stored, integer levels and
+float16 scales (qmerge.quant.rtn.RoundedLinear, an eighth of a float32 copy at 4 bits), its weight
+made in float32 as the layer runs (exact: qmerge.quant.gptq_weights), fused MoE experts turned into
+per-expert layers first (qmerge.models.architecture.linear_layers). Nothing is left as initialised: a tensor the
 model expects that neither the checkpoint nor a quantized layer provides is an error naming it.
 """
 
@@ -22,7 +23,8 @@ from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.models.architecture import linear_layers
 from qmerge.models.float32 import float32_compute
 from qmerge.models.loading import load_problem
-from qmerge.quant.gptq_weights import SUFFIXES, dequantize, layer_tensors
+from qmerge.quant.gptq_weights import SUFFIXES, layer_tensors, stored_levels
+from qmerge.quant.rtn import RoundedLinear
 
 
 def quantized_layers(path: Path) -> list[str]:
@@ -55,9 +57,11 @@ def load_float32(path: Path, device: torch.device, trust_remote_code: bool = Fal
     lacking = sorted({f"{n}.{s}" for n in names for s in SUFFIXES} - set(ckpt.keys()))
     if lacking:
         raise QmergeError(f"the GPTQ checkpoint ({path}) lacks tensor {lacking[0]} of a quantized layer; re-run the GPTQ stage")
-    for name, linear in linear_layers(model, names).items():
-        linear.weight = torch.nn.Parameter(dequantize(layer_tensors(ckpt, name), qc["bits"]).to(device), requires_grad=False)
+    linears = linear_layers(model, names)
     _check_covered(model, info, set(names), path)
+    for name, linear in linears.items():  # held as stored (levels and scales), the float32 weight made as each runs
+        levels, scales, g_idx = (t.to(device) for t in stored_levels(layer_tensors(ckpt, name), qc["bits"]))
+        model.set_submodule(name, RoundedLinear(levels, scales, linear.bias, g_idx))
     return float32_compute(model).eval()
 
 

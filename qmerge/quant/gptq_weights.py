@@ -28,10 +28,19 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def dequantize(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     """The (out, in) float32 weight of one GPTQ v1 layer from its qweight, qzeros, scales and g_idx."""
-    scales, g_idx = tensors["scales"].float(), tensors["g_idx"].long()
+    levels, scales, g_idx = stored_levels(tensors, bits)
+    return levels.float() * scales.float()[:, g_idx]
+
+
+def stored_levels(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GPTQ v1 layer as (levels, scales, g_idx): the integers code − zero, (out, in), in int8
+    (int16 at 8 bits, whose levels reach ±256); the float16 scales, (out, groups); each input
+    column's group. The weight is levels × scales[:, g_idx]."""
+    scales, g_idx = tensors["scales"], tensors["g_idx"].long()
     codes = unpack(tensors["qweight"], bits, g_idx.numel())  # (in, out)
     zeros = unpack(tensors["qzeros"].T, bits, scales.shape[1]).T + 1  # (groups, out); v1 stores zero − 1
-    return ((codes - zeros[g_idx]).float() * scales[g_idx]).T.contiguous()
+    levels = (codes - zeros[g_idx]).T.to(torch.int8 if bits < 8 else torch.int16).contiguous()
+    return levels, scales.T.contiguous(), g_idx
 
 
 def layer_tensors(checkpoint, name: str) -> dict[str, torch.Tensor]:

@@ -49,27 +49,34 @@ def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:
     """The (out, in) weight rounded group by group to the GPTQ grid, as float32: levels times the
     float16 scale (more bits than a 16-bit weight has)."""
     levels, scales = levels_and_scales(weight, gptq)
-    return _dequantize(levels, scales)
-
-
-def _dequantize(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    step = levels.shape[1] // scales.shape[1]
-    return levels.float() * scales.float().repeat_interleave(step, dim=1)
+    return RoundedLinear(levels, scales, None).float_weight()
 
 
 class RoundedLinear(torch.nn.Module):
-    """A linear layer held as its RTN levels (int8) and float16 group scales, the weight made in
-    float32 when the layer runs: a quarter of a float32 copy's memory, the same products."""
+    """A linear layer held as integer levels (q − zero) and float16 group scales, the weight made in
+    float32 when the layer runs (levels × scale: exact in float32, more bits than a 16-bit weight
+    has): a quarter of a float32 copy's memory, the same products. RTN's layers, and a GPTQ
+    checkpoint's as stored (qmerge.quant.gptq_float), whose act-order groups `g_idx` maps."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gptq: GPTQSettings):
+    def __init__(self, levels: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, g_idx: torch.Tensor | None = None):
         super().__init__()
-        levels, scales = levels_and_scales(weight, gptq)
+        if g_idx is None:  # contiguous groups
+            g_idx = torch.arange(levels.shape[1], device=levels.device) // (levels.shape[1] // scales.shape[1])
         self.register_buffer("levels", levels)
         self.register_buffer("scales", scales)
+        self.register_buffer("g_idx", g_idx)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
 
+    @classmethod
+    def rounded(cls, weight: torch.Tensor, bias: torch.Tensor | None, gptq: GPTQSettings) -> "RoundedLinear":
+        """`weight` rounded to the nearest level of the GPTQ grid (RTN)."""
+        return cls(*levels_and_scales(weight, gptq), bias)
+
+    def float_weight(self) -> torch.Tensor:
+        return self.levels.float() * self.scales.float()[:, self.g_idx]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, _dequantize(self.levels, self.scales), self.bias)
+        return torch.nn.functional.linear(x, self.float_weight(), self.bias)
 
 
 class _RoundedWhenRun(torch.nn.Linear):
@@ -98,5 +105,5 @@ def apply(model: torch.nn.Module, names: set[str], gptq: GPTQSettings, streamed:
             if hasattr(linear, "_old_forward"):  # accelerate's hook calls the forward it found at load
                 linear._old_forward = types.MethodType(_RoundedWhenRun.forward, linear)
         else:
-            model.set_submodule(name, RoundedLinear(linear.weight, linear.bias, gptq))
+            model.set_submodule(name, RoundedLinear.rounded(linear.weight, linear.bias, gptq))
     return model

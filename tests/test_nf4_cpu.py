@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from conftest import FUZZ_CASES, examples
 from qmerge.merge import nf4_cpu
-from qmerge.merge.nf4 import round_trip
+from qmerge.merge.nf4 import exact_round_trip, quantize
 from qmerge.settings import NF4Settings
 
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -112,7 +112,7 @@ def test_non_finite_weights_are_left_to_bitsandbytes():
     with pytest.raises(nf4_cpu.NonFinite):
         nf4_cpu.quantize(weight, 64, "nf4", True)
     packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
-    torch.testing.assert_close(round_trip(weight, NF4Settings(), CPU), F.dequantize_4bit(packed, state), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(exact_round_trip(weight, NF4Settings(), CPU), F.dequantize_4bit(packed, state), rtol=0, atol=0, equal_nan=True)
 
 
 def test_bitsandbytes_cpu_dequantize_and_rows_that_are_not_whole_blocks():
@@ -121,8 +121,28 @@ def test_bitsandbytes_cpu_dequantize_and_rows_that_are_not_whole_blocks():
     gives what bitsandbytes' CPU kernel gives there (what the reference and verify compute with)."""
     weight = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
-    assert torch.equal(round_trip(weight, NF4Settings(double_quant=False), CPU), F.dequantize_4bit(packed, state))
+    assert torch.equal(exact_round_trip(weight, NF4Settings(double_quant=False), CPU), F.dequantize_4bit(packed, state))
     assert torch.equal(nf4_cpu.round_trip(weight, 64, "nf4"), flat_dequantize(packed, state, torch.float32))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
+def test_quantize_writes_what_bitsandbytes_saves(double_quant, quant_type, storage):
+    """The run's nf4 stage writes each weight as Linear4bit saves it (packed codes and
+    QuantState.as_dict(packed=True)): qmerge's CPU quantization, made into bitsandbytes' objects,
+    saves the same tensors, dtypes and shapes as bitsandbytes' own quantize_4bit, and dequantizes
+    to the same values."""
+    weight = (torch.randn(96, 256, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    nf4 = NF4Settings(double_quant=double_quant, quant_type=quant_type, quant_storage=storage)
+    packed, state = quantize(weight, nf4, CPU)
+    expected, expected_state = F.quantize_4bit(weight.float(), blocksize=64, compress_statistics=double_quant, quant_type=quant_type, quant_storage=getattr(torch, storage))
+    assert packed.dtype == expected.dtype and packed.shape == expected.shape and torch.equal(packed.view(torch.uint8), expected.view(torch.uint8))
+    saved, expected_saved = state.as_dict(packed=True), expected_state.as_dict(packed=True)
+    assert saved.keys() == expected_saved.keys()
+    for key, tensor in saved.items():
+        assert tensor.dtype == expected_saved[key].dtype and tensor.shape == expected_saved[key].shape and torch.equal(tensor, expected_saved[key]), key
+    assert torch.equal(F.dequantize_4bit(packed, state), F.dequantize_4bit(expected, expected_state))
 
 
 @pytest.mark.slow

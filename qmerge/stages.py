@@ -25,7 +25,7 @@ from qmerge.errors import QmergeError
 from qmerge.io import text
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.io.inputs import load_base_config
-from qmerge.io.manifests import MANIFESTS, key_of, files_sha256
+from qmerge.io.manifests import MANIFESTS, files_record, key_of
 from qmerge.merge.source import as_trained, effective_settings
 from qmerge.models.device import pick_device
 from qmerge.pipeline import calibration_key, common_parts, declare, gptq_stage, in_process, report_of, scratch_dir, write_outputs
@@ -181,7 +181,7 @@ def _stage_key(directory: Path) -> tuple[str, dict | None]:
         manifest = json.loads((directory.parent / MANIFESTS / f"{directory.name}.json").read_text())
         return manifest["key"], manifest
     except (OSError, ValueError, KeyError):
-        return (key_of(files=files_sha256(directory)) if directory.is_dir() else "absent"), None
+        return (key_of(files={k: v["sha256"] for k, v in files_record(directory).items()}) if directory.is_dir() else "absent"), None
 
 
 @contextlib.contextmanager

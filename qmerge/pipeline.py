@@ -25,7 +25,7 @@ from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
 from qmerge.io import isolated, text
 from qmerge.io.atomic import PARTIAL
-from qmerge.io.manifests import StageCommitter
+from qmerge.io.manifests import MANIFESTS, StageCommitter
 from qmerge.io.memory import release
 from qmerge.merge.nf4base import write_nf4_base
 from qmerge.merge.streaming import merge
@@ -111,7 +111,7 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True, workers
         for stage in declare(settings, p, out, inputs, verbose, echo, plan):
             runner.run(stage)
     except BaseException:
-        if created and not (out / "manifests").exists():
+        if created and not outputs_made(out):
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind
         raise
     finally:
@@ -119,6 +119,13 @@ def run(settings: RunSettings, verbose: bool = False, echo: bool = True, workers
     rep = report_of(settings, p, out, inputs, runner, plan)
     write_outputs(rep, settings, out, echo)
     return rep
+
+
+def outputs_made(out: Path) -> bool:
+    """Whether a run directory holds a finished output: a stage committed other than DIR/nf4, the
+    base as trained, which is the run's own intermediate (a merge that fails on bad input leaves
+    nothing behind)."""
+    return any(m.stem != "nf4" for m in (out / MANIFESTS).glob("*.json"))
 
 
 def worker_method(workers: str | None, device: torch.device) -> str | None:

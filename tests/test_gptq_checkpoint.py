@@ -22,11 +22,12 @@ CPU = torch.device("cpu")
 
 
 def same_weights(gptq_dir) -> int:
-    """Every quantized layer: qmerge's float32 weight == GPTQModel's own dequantization (exact); returns how many."""
+    """Every quantized layer: qmerge's float32 weight (made from the stored levels as the layer runs)
+    == GPTQModel's own dequantization (exact); returns how many."""
     ours, theirs = dict(load_float32(gptq_dir, CPU).named_modules()), dict(gptq_oracle(gptq_dir).named_modules())
     names = [n for n in structure.of_checkpoint(gptq_dir.parent / "merged").shapes]
     for name in names:
-        assert torch.equal(ours[name].weight, theirs[name].weight), name
+        assert torch.equal(ours[name].float_weight(), theirs[name].weight), name
     return len(names)
 
 

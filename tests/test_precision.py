@@ -15,7 +15,7 @@ import torch
 
 from qmerge import demo
 from qmerge.eval.drift import NOISE_FLOOR, evaluate
-from qmerge.eval.metrics import compare
+from qmerge.eval.metrics import chunk_stats
 from qmerge.merge.adapter import load_mix
 from qmerge.models.precision import EMULATE_ENV, computing_in, native, training_dtype
 from qmerge.models.reference import load_reference
@@ -99,7 +99,7 @@ def test_emulation_matches_real_bf16_arithmetic(tiny_base, tiny_adapter, monkeyp
             emulated, emulated_layer = reference(input_ids=ids).logits, layer(x)
     assert ((emulated_layer - real_layer).abs() <= 2.0**-7 * real_layer.abs()).all()
     assert (emulated_layer != real_layer).float().mean() <= 0.01
-    kld = lambda p, q: compare(p, q, ids[:, 1:]).kld.mean().item()  # noqa: E731
+    kld = lambda p, q: chunk_stats(p, q, ids[:, 1:]).kld.mean().item()  # noqa: E731
     p, q, r = ref[:, :-1], real[:, :-1], emulated[:, :-1]
     assert kld(p, q) > 0 and abs(kld(p, r) - kld(p, q)) <= 0.05 * kld(p, q)
     assert kld(q, r) <= 0.01 * kld(p, q)

@@ -78,7 +78,7 @@ def test_demo_fine_tune_prints_its_progress(tiny_base, tmp_path, monkeypatch, ca
     monkeypatch.setitem(demo.TRAIN, "steps", 3)
     monkeypatch.setitem(demo.TRAIN, "seq_len", 32)
     capfd.readouterr()
-    demo._train_adapter(tiny_base, tmp_path / "adapter", echo=True)
+    demo.train_adapter(tiny_base, tmp_path / "adapter", echo=True)
     err = capfd.readouterr().err
     lines = [m for m in map(LINE.match, err.splitlines()) if m and m["desc"] == "demo fine-tune"]
     assert lines and lines[-1]["total"] == "3" and any(m["eta"] != "unknown" for m in lines), err[-2000:]

@@ -6,7 +6,7 @@
 
 Settings are the CLI's long options with underscores (the keys of a recipe, qmerge.recipe.KEYS),
 validated by the same code as the CLI's flags, so defaults and errors are the CLI's: a stage
-function takes the settings that apply to its stage (qmerge.stages: MERGE_KEYS, QUANTIZE_KEYS,
+function takes the settings that apply to its stage (qmerge.commands: MERGE_KEYS, QUANTIZE_KEYS,
 EVAL_KEYS, VERIFY_KEYS) and refuses others by name. Every function returns paths and numbers and
 raises QmergeError on bad input; it prints nothing unless progress=True (the CLI's default; --quiet
 turns it off).
@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmerge import pipeline, recipe, stages
+from qmerge import commands, pipeline, recipe
 from qmerge.errors import QmergeError
 from qmerge.eval.verify import Verification
 from qmerge.eval.verify import verify as verify_merged
@@ -102,10 +102,10 @@ def merge_adapter(base: str, adapter: str | list[str], out: str | Path, *, overw
     `base` as a plain HF checkpoint at `out`: into the 4-bit weights it was trained on
     (merge_into="nf4") or the 16-bit ones ("original"); checked against PEFT's own merge and logits
     unless verify=False (a VerifyError then). This is `qmerge run`'s merge stage: its manifest goes
-    to OUT/../manifests/NAME.json. Settings: qmerge.stages.MERGE_KEYS (merged_dtype, device,
+    to OUT/../manifests/NAME.json. Settings: qmerge.commands.MERGE_KEYS (merged_dtype, device,
     revision, the training-time 4-bit settings, ...)."""
     with showing(progress):
-        return stages.merge(base, adapter, Path(out), settings, overwrite, resume, verify, progress)
+        return commands.merge(base, adapter, Path(out), settings, overwrite, resume, verify, progress)
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,10 @@ def gptq_quantize(merged: str | Path, out: str | Path, *, overwrite: bool = Fals
     """GPTQ of a merged checkpoint with GPTQModel into `out` (the portable profile by default; group
     size auto resolved on the checkpoint's layers, an explicit one checked against them); the base and
     adapter are not needed. This is `qmerge run`'s GPTQ stage, with its manifest in
-    OUT/../manifests/NAME.json. Settings: qmerge.stages.QUANTIZE_KEYS (bits, group_size, calibration,
+    OUT/../manifests/NAME.json. Settings: qmerge.commands.QUANTIZE_KEYS (bits, group_size, calibration,
     calibration_samples, seq_len, device, ...)."""
     with showing(progress):
-        return QuantizeResult(*stages.quantize(Path(merged), Path(out), settings, overwrite, resume, verbose, progress))
+        return QuantizeResult(*commands.quantize(Path(merged), Path(out), settings, overwrite, resume, verbose, progress))
 
 
 def evaluate(base: str, adapter: str | list[str], out: str | Path, *, overwrite: bool = False, resume: bool = False, verbose: bool = False,
@@ -131,11 +131,11 @@ def evaluate(base: str, adapter: str | list[str], out: str | Path, *, overwrite:
     `checkpoints` made elsewhere ({name: directory or hub id}, or ["NAME=DIR_OR_HUB_ID", ...]: a GPTQ
     or AWQ checkpoint of the same fine-tune, say) against the model as trained, written as `qmerge
     run` writes it (out/drift, out/report.json, .md, .html). Settings: every run setting
-    (qmerge.stages.EVAL_KEYS)."""
+    (qmerge.commands.EVAL_KEYS)."""
     if isinstance(settings.get("checkpoints"), dict):
         settings["checkpoints"] = [f"{name}={path}" for name, path in settings["checkpoints"].items()]
     with showing(progress):
-        out, report = stages.evaluate(base, adapter, Path(out), settings, overwrite, resume, verbose, progress)
+        out, report = commands.evaluate(base, adapter, Path(out), settings, overwrite, resume, verbose, progress)
     return RunResult(out, report)
 
 
@@ -143,18 +143,18 @@ def verify(merged: str | Path, base: str, adapter: str | list[str], *, progress:
     """Compare a merged checkpoint with PEFT's own merge of `adapter` into `base` as the adapter saw it
     (merge_into="nf4": the 4-bit weights; "original": the 16-bit ones; several adapters: their
     weighted mix), tensor by tensor and by logits against the unmerged model. Settings:
-    qmerge.stages.VERIFY_KEYS (merge_into, the training-time 4-bit settings, device, revision,
+    qmerge.commands.VERIFY_KEYS (merge_into, the training-time 4-bit settings, device, revision,
     trust_remote_code). Returns the numbers; `.ok` is the verdict."""
     from qmerge.models.device import pick_device
     from qmerge.settings import reference_kind
 
     merged = Path(merged)
-    s = stages.settings_of("verify", stages.VERIFY_KEYS, {**settings, "base": base, "adapter": adapter, "out": str(merged)})
+    s = commands.settings_of("verify", commands.VERIFY_KEYS, {**settings, "base": base, "adapter": adapter, "out": str(merged)})
     s.validate()
     if not (merged / "config.json").exists():
         raise QmergeError(f"{merged} is not a merged checkpoint (no config.json); pass DIR/merged")
     base_dir, mix = resolve(s.base, "base", s.revision, s.trust_remote_code), load_mix(s.adapter)
-    nf4 = stages.base_settings(base_dir, s)
+    nf4 = commands.base_settings(base_dir, s)
     with showing(progress):
         return verify_merged(merged, base_dir, mix, nf4, pick_device(s.device), reference_kind(s.merge_into), trust_remote_code=s.trust_remote_code)
 

@@ -94,10 +94,10 @@ def _workers() -> str | None:
 
 def _stage(args: argparse.Namespace) -> dict:
     """`qmerge merge|quantize|eval --out DIR`: the API's stage function on DIR/merged, DIR/gptq or DIR."""
-    from qmerge import api, stages
+    from qmerge import api, commands
 
-    keys = {"merge": stages.MERGE_KEYS, "quantize": stages.QUANTIZE_KEYS, "eval": stages.EVAL_KEYS}[args.command]
-    values = stages.only(run_values(args), keys)
+    keys = {"merge": commands.MERGE_KEYS, "quantize": commands.QUANTIZE_KEYS, "eval": commands.EVAL_KEYS}[args.command]
+    values = commands.only(run_values(args), keys)
     base, adapter, out = (values.pop(key, None) for key in ("base", "adapter", "out"))
     if not out:
         raise QmergeError(f"--out is required (or set 'out:' in the recipe): the run directory qmerge {args.command} reads and writes")

@@ -14,7 +14,7 @@ import pytest
 import qmerge
 from conftest import SMALL_RUN, make_base, make_qlora_adapter, one_line_error
 from qmerge import cli as cli_module
-from qmerge import recipe, stages
+from qmerge import commands, recipe
 from qmerge.errors import QmergeError
 from qmerge.quant.gptq import read_quant_log
 
@@ -115,13 +115,13 @@ def test_api_and_cli_share_defaults_and_errors(tiny_base, tiny_adapter, tmp_path
     """Each stage command's options are its API function's settings, resolved by the same code to the
     same defaults; the same bad input gives the same message from both."""
     parser = cli_module.build_parser()
-    for command, keys in (("merge", stages.MERGE_KEYS), ("quantize", stages.QUANTIZE_KEYS), ("eval", stages.EVAL_KEYS)):
+    for command, keys in (("merge", commands.MERGE_KEYS), ("quantize", commands.QUANTIZE_KEYS), ("eval", commands.EVAL_KEYS)):
         sub = parser._subparsers._group_actions[0].choices[command]
         flags = {a.dest for a in sub._actions} & set(recipe.KEYS)
         assert flags - {"base", "adapter", "out"} == set(keys), (command, set(keys) ^ (flags - {"base", "adapter", "out"}))
         args = parser.parse_args([command, "--out", "o"])
-        from_cli = stages.settings_of(command, keys, {"base": "b", "adapter": ["a"], **stages.only(cli_module.run_values(args), keys)})
-        from_api = stages.settings_of(command, keys, {"base": "b", "adapter": "a", "out": "o"})
+        from_cli = commands.settings_of(command, keys, {"base": "b", "adapter": ["a"], **commands.only(cli_module.run_values(args), keys)})
+        from_api = commands.settings_of(command, keys, {"base": "b", "adapter": "a", "out": "o"})
         assert from_cli == from_api
         assert from_api.data == recipe.to_settings({"base": "b", "adapter": "a", "out": "o"}).data  # the run's defaults
     bad = {"merge": (["--merged-dtype", "float8"], dict(merged_dtype="float8")), "quantize": (["--bits", "5"], dict(bits=5))}

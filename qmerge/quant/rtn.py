@@ -60,11 +60,9 @@ class RoundedLinear(torch.nn.Module):
 
     def __init__(self, levels: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, g_idx: torch.Tensor | None = None):
         super().__init__()
-        if g_idx is None:  # contiguous groups
-            g_idx = torch.arange(levels.shape[1], device=levels.device) // (levels.shape[1] // scales.shape[1])
         self.register_buffer("levels", levels)
         self.register_buffer("scales", scales)
-        self.register_buffer("g_idx", g_idx)
+        self.register_buffer("g_idx", None if g_idx is None or _contiguous(g_idx, scales.shape[1]) else g_idx)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
 
     @classmethod
@@ -73,10 +71,21 @@ class RoundedLinear(torch.nn.Module):
         return cls(*levels_and_scales(weight, gptq), bias)
 
     def float_weight(self) -> torch.Tensor:
-        return self.levels.float() * self.scales.float()[:, self.g_idx]
+        """levels × scale in one broadcast product (int8 × float32 promotes to float32 exactly); a
+        gather only for act-order groups. This runs at every forward, decoding steps included."""
+        scales = self.scales.float()
+        if self.g_idx is not None:
+            return self.levels * scales[:, self.g_idx]
+        rows, cols = self.levels.shape
+        return (self.levels.view(rows, scales.shape[1], -1) * scales[:, :, None]).view(rows, cols)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.float_weight(), self.bias)
+
+
+def _contiguous(g_idx: torch.Tensor, groups: int) -> bool:
+    """Whether input column i is in group i // (columns / groups), as without act-order."""
+    return g_idx.numel() % groups == 0 and torch.equal(g_idx.long(), torch.arange(g_idx.numel(), device=g_idx.device) // (g_idx.numel() // groups))
 
 
 class _RoundedWhenRun(torch.nn.Linear):

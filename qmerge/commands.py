@@ -73,8 +73,7 @@ def merge(base: str, adapter, out: Path, values: dict, overwrite: bool, resume: 
     check_out(out, overwrite, resume)
     p = prepare(settings, data=verify)
     settings = effective(settings, p)
-    plan = memory_plan(settings, p, out.parent, forked_workers=False)
-    plan.check()
+    plan = memory_plan(settings, p, out.parent, forked_workers=False)  # where verify's candidate lives; the whole run's fit is run's check
     declared = declare(settings, p, out.parent, inputs_record(settings, p), False, echo, plan, check_merge=verify)
     stages = [replace(s, name=out.name) if s.name == "merged" else s for s in declared if s.name in ("nf4", "merged")]  # DIR/nf4 first when the merge reads it
     runner = StageRunner(out.parent, resume, echo, in_process(stages, p.device), verify=settings.verify_inputs)
@@ -128,8 +127,7 @@ def evaluate(base: str, adapter, out: Path, values: dict, overwrite: bool, resum
     p = prepare(replace(settings, resume=True))  # resume: out holds the stages it reads
     settings = effective(settings, p)
     inputs = inputs_record(settings, p)
-    plan = memory_plan(settings, p, out, forked_workers=False)
-    plan.check()
+    plan = memory_plan(settings, p, out, forked_workers=False)  # the reference cache's place and the eval batch
     stages = declare(settings, p, out, inputs, verbose, echo, plan)
     runner = StageRunner(out, resume, echo, in_process(stages, p.device), verify=settings.verify_inputs)
     with _removed_on_error(out), _scratch(out):

@@ -150,7 +150,7 @@ def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose
     kinds = settings.evaluated
     where = plan.placement(scratch_dir(out))
     stages, nf4_dir = [], None
-    if settings.reference_kind == "qlora" and not p.prequantized:  # the base quantized once, read by merge, verify and drift
+    if settings.reference_kind == "qlora" and not p.prequantized and not p.fused_experts:  # the base quantized once, read by merge, verify and drift
         stages.append(Stage("nf4", dict(hashes), functools.partial(_nf4_base, p, settings.nf4)))
         nf4_dir = out / "nf4"
     stages.append(merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, where, nf4_dir, check_merge))

@@ -20,6 +20,7 @@ from qmerge.merge.edits import build_edits
 from qmerge.merge.nf4 import quantized_linear_names
 from qmerge.merge.prequantized import Prequantized
 from qmerge.merge.source import as_trained, effective_settings
+from qmerge.models.architecture import converted_at_load
 from qmerge.models.checkpoints import check_loadable
 from qmerge.models.device import pick_device
 from qmerge.quant import structure
@@ -55,6 +56,7 @@ class Prepared:
     bos: bool = False  # every window starts with the tokenizer's BOS token (qmerge.io.text.token_windows)
     nf4_linears: frozenset[str] = frozenset()  # the linear layers bitsandbytes quantized (module names)
     plan: GPTQPlan | None = None  # the GPTQ settings resolved for this model (group size auto)
+    fused_experts: bool = False  # transformers holds some tensors under other names (fused MoE experts): no DIR/nf4 (its 4-bit reload does not map them)
 
     @property
     def in_features(self) -> set[int]:
@@ -125,7 +127,7 @@ def prepare(settings: RunSettings, data: bool = True) -> Prepared:
         bos = text.bos_of(tokenizer) is not None
     return Prepared(
         base_dir, mix, device, calibration, evaluations, shapes, nf4, isinstance(source, Prequantized), remote, settings.allow_pickle,
-        bos, frozenset(nf4_names), plan,
+        bos, frozenset(nf4_names), plan, converted_at_load(config, source.keys(), remote),
     )
 
 

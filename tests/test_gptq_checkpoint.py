@@ -16,7 +16,6 @@ from qmerge.errors import QmergeError, VerifyError
 from qmerge.quant import structure
 from qmerge.quant.gptq_check import check_layers
 from qmerge.quant.gptq_float import load_float32
-from qmerge.settings import GPTQSettings
 
 CPU = torch.device("cpu")
 
@@ -43,7 +42,7 @@ def test_weights_are_gptqmodels_dequantization_at_every_bit_width(tiny_run, tmp_
     import qmerge
 
     (tmp_path / "merged").symlink_to(tiny_run.out / "merged")
-    made = qmerge.gptq_quantize(tmp_path / "merged", tmp_path / "gptq", gptq=GPTQSettings(bits=bits), calibration_samples=8, seq_len=64, device="cpu")
+    made = qmerge.gptq_quantize(tmp_path / "merged", tmp_path / "gptq", bits=bits, calibration_samples=8, seq_len=64, device="cpu")
     assert json.loads((made.path / "quantize_config.json").read_text())["group_size"] == 64
     assert same_weights(tmp_path / "gptq") == 14
 

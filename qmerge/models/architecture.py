@@ -41,3 +41,11 @@ def transformers_holds(config, names, trust_remote_code: bool = False) -> bool:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return len(_linears(model, names)) == len(set(names))
+
+
+def converted_at_load(config, keys, trust_remote_code: bool = False) -> bool:
+    """Whether transformers holds some of the checkpoint's tensors `keys` under other names (fused MoE
+    experts, renamed keys): its model of `config` has no parameter or buffer of that name."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return bool(set(keys) - set(model.state_dict()))

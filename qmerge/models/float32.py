@@ -56,8 +56,12 @@ def round_stored(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Every parameter of a float32_compute model rounded to `dtype`, as a checkpoint of that dtype
     stores it: the weights it upcasts per use are held in `dtype`, the small tensors stay float32
     holding the rounded values."""
+    upcasting = (_Float32Linear, _Float32Embedding)
+    # a tensor tied to a module that does not upcast per use (Gemma's scaled embedding, tied to the
+    # head) stays float32 for both, holding the rounded values
+    float32 = {id(p) for m in model.modules() if not isinstance(m, upcasting) for p in m.parameters(recurse=False)}
     for module in model.modules():
-        held = {"weight"} if isinstance(module, (_Float32Linear, _Float32Embedding)) else set()
+        held = {"weight"} if isinstance(module, upcasting) else set()
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point():
-                param.data = param.data.to(dtype) if name in held else param.data.to(dtype).float()
+                param.data = param.data.to(dtype) if name in held and id(param) not in float32 else param.data.to(dtype).float()

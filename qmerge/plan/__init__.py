@@ -78,7 +78,10 @@ class Plan:
                 if st.peak(device) > HEADROOM * limit:
                     raise QmergeError(f"memory plan: the {st.name} stage needs ~{st.peak(device) / GB:.1f} GB on {device} but {limit / GB:.1f} GB is available; {_fix(st.name)}")
         if self.disk_need > self.disk_free:
-            raise QmergeError(f"memory plan: the run writes ~{self.disk_need / GB:.1f} GB (merged, GPTQ and its offload, reference cache) but {self.disk_free / GB:.1f} GB is free at --out; free space or choose another --out")
+            raise QmergeError(
+                f"memory plan: the run writes ~{_size(self.disk_need)} (merged, GPTQ and its offload, reference cache) but {_size(self.disk_free)} is free at --out; "
+                "no space left for it: free space or choose another --out"
+            )
 
 
 def _fix(stage: str) -> str:
@@ -157,3 +160,8 @@ def _existing(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path
+
+
+def _size(n: int) -> str:
+    """Bytes in words a reader can compare: GB, or MB below one GB (a tiny model's run is MBs)."""
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 2**20:.0f} MB"

@@ -46,6 +46,9 @@ from qmerge.runner import Stage, StageRunner
 from qmerge.settings import VERSION, NF4Settings, RunSettings, reference_kind
 
 
+RUN_PID = os.getpid()  # of the process that imported qmerge: the run's, in its forked workers too
+
+
 @dataclass(frozen=True)
 class StageJob:
     """One stage's build, as a worker process runs it: the stages are declared again from the run's
@@ -138,8 +141,9 @@ def worker_method(workers: str | None, device: torch.device) -> str | None:
 
 def scratch_dir(out: Path) -> Path:
     """Offload folder and on-disk reference cache of this run (a hidden partial: removed at the end,
-    or by the next run after a crash)."""
-    return out / f".scratch{PARTIAL}{os.getpid()}"
+    or by the next run after a crash). Named by the run's process, which a forked stage worker
+    inherits as RUN_PID, so the run's cleanup finds what its workers wrote."""
+    return out / f".scratch{PARTIAL}{RUN_PID}"
 
 
 def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose: bool, echo: bool, plan: Plan, check_merge: bool = True) -> list[Stage]:
@@ -232,7 +236,7 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
             def build_one() -> torch.nn.Module:
                 model, layout = candidates.build(kind, src, reference)
                 rows[name] = candidates.describe(kind, layout, src)
-                if samples.shown(kind, settings.final_kind):
+                if samples.shown(kind, settings.final_kind) and plan.stream is None:  # a streamed model would read all its weights per decoded token
                     texts.add(name, model)
                 return model
 

@@ -23,7 +23,7 @@ from qmerge import recipe
 from qmerge.eval import candidates, samples
 from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
-from qmerge.io import isolated, text
+from qmerge.io import text
 from qmerge.io.atomic import PARTIAL
 from qmerge.io.manifests import MANIFESTS, StageCommitter
 from qmerge.io.memory import release
@@ -42,7 +42,7 @@ from qmerge.report import card, files
 from qmerge.report.assemble import assemble
 from qmerge.report.markdown import table
 from qmerge.report.schema import library_versions
-from qmerge.runner import Stage, StageRunner
+from qmerge.runner import Stage, StageRunner, worker_method
 from qmerge.settings import VERSION, NF4Settings, RunSettings, reference_kind
 
 
@@ -129,14 +129,6 @@ def outputs_made(out: Path) -> bool:
     base as trained, which is the run's own intermediate (a merge that fails on bad input leaves
     nothing behind)."""
     return any(m.stem != "nf4" for m in (out / MANIFESTS).glob("*.json"))
-
-
-def worker_method(workers: str | None, device: torch.device) -> str | None:
-    """How stage workers start: fork where it is safe (CPU, a parent that computed single-threaded),
-    spawn otherwise (a forked child cannot use CUDA)."""
-    if workers is None:
-        return None
-    return "fork" if device.type == "cpu" and isolated.can_fork() else "spawn"
 
 
 def scratch_dir(out: Path) -> Path:

@@ -72,3 +72,11 @@ class StageRunner:
     def _say(self, line: str) -> None:
         if self.echo:
             print(f"[qmerge] {line}", flush=True)
+
+
+def worker_method(workers: str | None, device) -> str | None:
+    """How stage workers start: fork where it is safe (CPU, a parent that computed single-threaded),
+    spawn otherwise (a forked child cannot use CUDA)."""
+    if workers is None:
+        return None
+    return "fork" if device.type == "cpu" and isolated.can_fork() else "spawn"

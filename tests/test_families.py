@@ -34,9 +34,10 @@ def gptq_runs_in_users_loader(gptq, moe: bool) -> None:
     checkpoint, which transformers 5 cannot hold, through GPTQModel.load."""
     tokens = torch.randint(3, 500, (1, 24))
     if moe:
-        from qmerge.models.engine import gptqmodel
+        from qmerge.models.engine import gptqmodel, transformers_unpatched
 
-        model = gptqmodel().GPTQModel.load(str(gptq), device="cpu").model
+        with transformers_unpatched("qwen2_moe"):  # as in a user's own process: GPTQModel's class patches stay out of later tests
+            model = gptqmodel().GPTQModel.load(str(gptq), device="cpu").model
     else:
         model, info = AutoModelForCausalLM.from_pretrained(gptq, dtype=torch.float32, output_loading_info=True)
         assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
@@ -69,11 +70,16 @@ def test_family_end_to_end(name, tmp_path, cli):
     assert rep["settings"]["gptq"]["group_size"] == 64 and rep["settings"]["gptq"]["group_size_auto"]  # 64 divides 64 and 128, 128 does not
     assert "group-size: 64" in (tmp_path / "out" / "recipe.resolved.yaml").read_text()
     assert rep["servers"]["transformers"]["loads"] is not moe
+    if moe:  # the run's GPTQ stage (in this process: the cli fixture) left transformers' MoE classes as they were
+        import transformers.modeling_utils
+        from transformers.models.qwen2_moe import modeling_qwen2_moe
+
+        assert modeling_qwen2_moe.Qwen2MoeSparseMoeBlock.__module__ == modeling_qwen2_moe.__name__
+        assert not hasattr(transformers.modeling_utils, "get_checkpoint_conversion_mapping")
     gptq_runs_in_users_loader(tmp_path / "out" / "gptq", moe)
     assert all(c["compute_dtype"] == "float32" for n, c in rep["candidates"].items() if c["kind"] != "noise-floor")
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone; fails verify on the experts after the Qwen2-MoE GPTQ run of test_family_end_to_end in the same session (state shared across runs, not found yet)")
 def test_moe_merge_without_gptq(tmp_path, cli):
     """Qwen2-MoE: verify's tensor check lines up with the checkpoint's per-expert tensors (transformers
     5 fuses them at load), and the bits per weight are over the layers GPTQ would quantize (the

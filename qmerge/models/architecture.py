@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qmerge.errors import QmergeError
+from qmerge.models.engine import transformers_unpatched
 
 
 def linear_layers(model: torch.nn.Module, names) -> dict[str, torch.nn.Linear]:
@@ -22,7 +23,8 @@ def linear_layers(model: torch.nn.Module, names) -> dict[str, torch.nn.Linear]:
     if len(found) < len(set(names)):
         import defuser
 
-        defuser.convert_model(model)
+        with transformers_unpatched(model.config.model_type):  # this model converted, no class of the process patched
+            defuser.convert_model(model)
         found = _linears(model, names)
     missing = sorted(set(names) - set(found))
     if missing:

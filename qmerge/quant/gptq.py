@@ -17,7 +17,7 @@ from transformers import AutoConfig
 
 from qmerge.io.progress import Progress
 from qmerge.models.architecture import transformers_holds
-from qmerge.models.engine import gptqmodel
+from qmerge.models.engine import gptqmodel, transformers_unpatched
 from qmerge.quant import structure
 from qmerge.quant.gptq_check import check_layers, check_loads
 from qmerge.quant.layout import fuse
@@ -38,8 +38,9 @@ def quantize(
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = structure.of_checkpoint(merged_dir, trust_remote_code)
     gptq, _ = resolve_group_size(layers.shapes, gptq)  # group size auto: decided on the layers GPTQ quantizes
-    loader = gptq_loader(AutoConfig.from_pretrained(merged_dir, trust_remote_code=trust_remote_code), layers, trust_remote_code)
-    with _quiet(out_dir / LOG_NAME, verbose) as progress_stream, _scratch_cwd() as scratch:
+    hf_config = AutoConfig.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
+    loader = gptq_loader(hf_config, layers, trust_remote_code)
+    with transformers_unpatched(hf_config.model_type), _quiet(out_dir / LOG_NAME, verbose) as progress_stream, _scratch_cwd() as scratch:
         engine = gptqmodel()
         config = engine.QuantizeConfig(
             bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq",

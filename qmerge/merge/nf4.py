@@ -65,32 +65,30 @@ def exact_round_trip(weight: torch.Tensor, nf4: NF4Settings, device: torch.devic
     import bitsandbytes.functional as F
 
     w = weight.to(device=device, dtype=torch.float32)
-    if _reproduced(w, nf4):
-        try:
-            return nf4_cpu.round_trip(w, nf4.blocksize, nf4.quant_type, nf4.double_quant, torch.float32)
-        except nf4_cpu.NonFinite:
-            pass  # NaN or Inf weights: whatever bitsandbytes makes of them
-    return F.dequantize_4bit(*_bitsandbytes_quantize(w, nf4))
+    q = _reproduced(w, nf4)
+    return nf4_cpu.dequantize(q, torch.float32) if q is not None else F.dequantize_4bit(*_bitsandbytes_quantize(w, nf4))
 
 
 def quantize(weight: torch.Tensor, nf4: NF4Settings, device: torch.device):
     """quantize_4bit(W) from float32 on `device`: (packed codes, QuantState), as bitsandbytes' own."""
     w = weight.to(device=device, dtype=torch.float32)
-    if _reproduced(w, nf4):
-        try:
-            return as_bitsandbytes(nf4_cpu.quantize(w, nf4.blocksize, nf4.quant_type, nf4.double_quant), torch_dtype(nf4.quant_storage))
-        except nf4_cpu.NonFinite:
-            pass
-    return _bitsandbytes_quantize(w, nf4)
+    q = _reproduced(w, nf4)
+    return as_bitsandbytes(q, torch_dtype(nf4.quant_storage)) if q is not None else _bitsandbytes_quantize(w, nf4)
 
 
-def _reproduced(w: torch.Tensor, nf4: NF4Settings) -> bool:
-    """Whether qmerge.merge.nf4_cpu computes this weight's quantization: on the CPU bitsandbytes looks
-    each weight up by a scalar binary search, ~10× slower than nf4_cpu's bit-identical reproduction.
-    A weight whose rows are not whole blocks stays with bitsandbytes: its CPU kernel on AVX-512
-    dequantizes such rows' scales per row rather than per flat block, and the merge must hold what the
-    reference and verify compute with on the same CPU."""
-    return w.device.type == "cpu" and w.shape[-1] % nf4.blocksize == 0
+def _reproduced(w: torch.Tensor, nf4: NF4Settings) -> nf4_cpu.Quantized | None:
+    """bitsandbytes' quantization of `w` computed by qmerge.merge.nf4_cpu, or None where bitsandbytes
+    itself computes it. On the CPU bitsandbytes looks each weight up by a scalar binary search, 3–24×
+    slower than nf4_cpu's bit-identical reproduction (BENCHMARKS.md). A weight whose rows are not whole blocks stays
+    with bitsandbytes: its CPU kernel on AVX-512 dequantizes such rows' scales per row rather than
+    per flat block, and the merge must hold what the reference and verify compute with on the same
+    CPU; so do NaN or Inf weights (whatever bitsandbytes makes of them)."""
+    if w.device.type != "cpu" or w.shape[-1] % nf4.blocksize:
+        return None
+    try:
+        return nf4_cpu.quantize(w, nf4.blocksize, nf4.quant_type, nf4.double_quant)
+    except nf4_cpu.NonFinite:
+        return None
 
 
 def _bitsandbytes_quantize(w: torch.Tensor, nf4: NF4Settings):

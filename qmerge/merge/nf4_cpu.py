@@ -139,12 +139,6 @@ def dequantize(q: Quantized, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out.view(q.shape)
 
 
-def round_trip(weight: torch.Tensor, blocksize: int, quant_type: str = "nf4", double_quant: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dequantize_4bit(quantize_4bit(weight)) rounded to `dtype` (bitsandbytes rounds to its quant
-    state's dtype, the input's): float32 gives the exact 4-bit values."""
-    return dequantize(quantize(weight, blocksize, quant_type, double_quant), dtype)
-
-
 def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     """max |w| of each whole block, in float32 (+0.0 for a block of zeros, as abs().max() gives)."""
     if flat.numel() == 0:

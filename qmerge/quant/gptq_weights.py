@@ -28,8 +28,18 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def dequantize(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     """The (out, in) float32 weight of one GPTQ v1 layer from its qweight, qzeros, scales and g_idx."""
-    levels, scales, g_idx = stored_levels(tensors, bits)
-    return levels.float() * scales.float()[:, g_idx]
+    return weight_of(*stored_levels(tensors, bits))
+
+
+def weight_of(levels: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """levels × scale as float32 (int × float32 promotes exactly, in one product): by broadcasting
+    over contiguous groups, or through `g_idx` (each input column's group: act-order). It runs at
+    every forward of a layer held as levels (qmerge.quant.rtn.RoundedLinear), decoding steps included."""
+    scales = scales.float()
+    if g_idx is not None:
+        return levels * scales[:, g_idx]
+    rows, cols = levels.shape
+    return (levels.view(rows, scales.shape[1], -1) * scales[:, :, None]).view(rows, cols)
 
 
 def stored_levels(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from qmerge.io.memory import trim
 from qmerge.models.architecture import linear_layers
 from qmerge.models.engine import gptqmodel
+from qmerge.quant.gptq_weights import weight_of
 from qmerge.settings import GPTQSettings
 
 
@@ -48,8 +49,7 @@ def levels_and_scales(weight: torch.Tensor, gptq: GPTQSettings) -> tuple[torch.T
 def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:
     """The (out, in) weight rounded group by group to the GPTQ grid, as float32: levels times the
     float16 scale (more bits than a 16-bit weight has)."""
-    levels, scales = levels_and_scales(weight, gptq)
-    return RoundedLinear(levels, scales, None).float_weight()
+    return weight_of(*levels_and_scales(weight, gptq))
 
 
 class RoundedLinear(torch.nn.Module):
@@ -71,13 +71,7 @@ class RoundedLinear(torch.nn.Module):
         return cls(*levels_and_scales(weight, gptq), bias)
 
     def float_weight(self) -> torch.Tensor:
-        """levels × scale in one broadcast product (int8 × float32 promotes to float32 exactly); a
-        gather only for act-order groups. This runs at every forward, decoding steps included."""
-        scales = self.scales.float()
-        if self.g_idx is not None:
-            return self.levels * scales[:, self.g_idx]
-        rows, cols = self.levels.shape
-        return (self.levels.view(rows, scales.shape[1], -1) * scales[:, :, None]).view(rows, cols)
+        return weight_of(self.levels, self.scales, self.g_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.float_weight(), self.bias)

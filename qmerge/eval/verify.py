@@ -92,20 +92,15 @@ def verify(merged_dir: Path, base_dir: Path, mix: Mix, nf4: NF4Settings, device:
     dtypes: set[torch.dtype] = set()
     modules = []
     base = reference.unload()  # the same loaded base, the adapters taken out unmerged
-    fused: dict[str, torch.Tensor] = {}
     for key, expected in track(peft_merged(base, mix), "verify", "tensor", total=len(stored_keys)):
-        if key in stored_keys:
-            stored_keys.discard(key)
-            stored = merged.get(key)
-            dtypes.add(stored.dtype)
-            modules.append(_compare(key, stored, expected))
-        else:
-            fused[key] = expected
-    for key, expected in _as_stored(base, fused).items():  # fused MoE experts: one tensor per expert in a checkpoint
-        if key in stored_keys:
-            stored_keys.discard(key)
-            modules.append(_compare(key, merged.get(key), expected))
-    del reference, base, fused
+        pieces = {key: expected} if key in stored_keys else _as_stored(base, key, expected)  # fused MoE experts: one tensor per expert stored
+        for name, tensor in pieces.items():
+            if name in stored_keys:
+                stored_keys.discard(name)
+                stored = merged.get(name)
+                dtypes.add(stored.dtype)
+                modules.append(_compare(name, stored, tensor))
+    del reference, base
     release()
     modules += [_compare(key, merged.get(key), None) for key in sorted(stored_keys)]  # tensors the recomputation has not
     modules.sort(key=lambda m: -m.of_tolerance)
@@ -118,15 +113,14 @@ def raise_if_failed(result: Verification) -> None:
         raise VerifyError(result.line() + "; DIR/merged is not the base as trained + the adapter: rerun the merge, and report a bug if it repeats")
 
 
-def _as_stored(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors keyed as the model holds them (fused MoE experts: one 3-D tensor) keyed as a checkpoint
-    stores them: transformers' own reverse conversion, what save_pretrained writes."""
+def _as_stored(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor keyed as the model holds it (fused MoE experts: one 3-D tensor) keyed as a checkpoint
+    stores it: transformers' own reverse conversion, what save_pretrained writes. One tensor at a
+    time, so a large MoE's experts never need to be held together."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    if not tensors:
-        return {}
     model._weight_conversions = None  # the architecture's conversions only, not the 4-bit load's (which has no reverse)
-    return revert_weight_conversion(model, tensors)
+    return revert_weight_conversion(model, {key: tensor})
 
 
 def _compare(key: str, stored: torch.Tensor, expected: torch.Tensor | None) -> ModuleCheck:

@@ -14,6 +14,7 @@ import torch
 from qmerge.errors import QmergeError, VerifyError
 from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.models.engine import gptqmodel
+from qmerge.models.precision import native
 from qmerge.models.loading import from_pretrained
 from qmerge.quant.gptq_float import quantized_layers
 from qmerge.quant.gptq_weights import dequantize, layer_tensors
@@ -42,10 +43,12 @@ def check_layers(out_dir: Path, merged_dir: Path, layers: GPTQLayers, bits: int)
 def check_loads(out_dir: Path, window: torch.Tensor, device: torch.device, loader: str, trust_remote_code: bool = False) -> str:
     """Load the checkpoint as a user would (`loader`: transformers or gptqmodel) and run one window;
     returns the class of the kernel it chose."""
+    # where bf16 is not native the check runs in float32, as GPTQ did (oneDNN limited to AVX2 aborted the process in bf16)
+    dtype = {} if native(torch.bfloat16, device) else {"dtype": torch.float32}
     if loader == "transformers":
-        model = from_pretrained(out_dir, "the GPTQ checkpoint, loaded by transformers,", VerifyError, device_map={"": device}, trust_remote_code=trust_remote_code)
+        model = from_pretrained(out_dir, "the GPTQ checkpoint, loaded by transformers,", VerifyError, device_map={"": device}, trust_remote_code=trust_remote_code, **dtype)
     else:
-        model = gptqmodel().GPTQModel.load(str(out_dir), device=str(device), trust_remote_code=trust_remote_code).model
+        model = gptqmodel().GPTQModel.load(str(out_dir), device=str(device), trust_remote_code=trust_remote_code, **dtype).model
     with torch.inference_mode():
         logits = model(input_ids=window[None].to(device)).logits
     if not torch.isfinite(logits).all():

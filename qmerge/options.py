@@ -51,6 +51,7 @@ def _evaluation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-tokens", type=int, help="new tokens per completion (default 32)")
     p.add_argument("--max-kld", type=float, help="budget: fail with exit 3 if the final checkpoint's mean KLD exceeds this")
     p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
+    p.add_argument("--search", action=B, help="with --max-kld: search GPTQModel's per-module precision and options for the smallest checkpoint --target loads within the budget")
 
 
 def _base(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import torch
 from transformers import AutoTokenizer
 
 from qmerge import recipe
-from qmerge.eval import candidates, samples
+from qmerge.eval import candidates, samples, search
 from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
 from qmerge.io import text
@@ -131,7 +132,7 @@ def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose
     kinds = settings.evaluated
     stages = [merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, check_merge)]
     if "gptq" in kinds:
-        stages.append(gptq_stage("gptq", "merged", p, out, settings, calibration, common, verbose))
+        stages.append(gptq_stage("gptq", "merged", p, out, settings, calibration, common, verbose, echo))
     if "gptq-original" in kinds:  # the GPTQ most tools' users would ship: of the original-base merge
         stages.append(merged_stage("merged-original", "original", p, settings.nf4, settings.merged_dtype, hashes, echo))
         stages.append(gptq_stage("gptq-original", "merged-original", p, out, settings, calibration, common, verbose))
@@ -167,15 +168,30 @@ def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str
     return Stage(name, dict(dtype=dtype, into=into, **hashes), build)
 
 
-def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSettings, calibration: str, common: dict, verbose: bool) -> Stage:
-    """DIR/gptq: GPTQModel's quantization of a merged stage's checkpoint."""
+def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSettings, calibration: str, common: dict, verbose: bool, echo: bool = False) -> Stage:
+    """DIR/gptq: GPTQModel's quantization of a merged stage's checkpoint; with --search, the checkpoint
+    the drift-budget search chose, and its trials in DIR/gptq/search.json."""
     gptq = settings.gptq
+    searching = settings.search and name == "gptq"
 
     def build(tmp: Path) -> dict:
-        quantize(out / source, tmp, p.calibration, gptq, p.device, verbose, p.trust_remote_code)
+        if searching:
+            run_search(out / source, tmp, p, settings, verbose, echo)
+        else:
+            quantize(out / source, tmp, p.calibration, gptq, p.device, verbose, p.trust_remote_code)
         return {}
 
-    return Stage(name, dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **common), build, after=(source,))
+    search_key = dict(search=settings.max_kld, evals=text.stream_sha256(p.evaluations[0].windows)) if searching else {}
+    return Stage(name, dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **search_key, **common), build, after=(source,))
+
+
+def run_search(merged: Path, tmp: Path, p: Prepared, settings: RunSettings, verbose: bool, echo: bool) -> None:
+    job = search.Job(merged, p.calibration, p.evaluations[0].windows, settings.gptq, p.linears, p.device, settings.max_kld,
+                     settings.data.batch_on(p.device.type), verbose, p.trust_remote_code, echo)
+    reference = load_reference(p.base_dir, p.mix, settings.nf4, p.device, p.trust_remote_code, settings.reference_kind)
+    with tempfile.TemporaryDirectory(prefix="qmerge-search-") as scratch:
+        record = search.run(job, reference, tmp, Path(scratch))
+    (tmp / "search.json").write_text(json.dumps(record, indent=2))
 
 
 def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool) -> Stage:
@@ -237,7 +253,7 @@ def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runne
         evaluations=json.loads((out / "drift" / "evaluations.json").read_text()),
         final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
         servers=servers(settings.gptq, p.in_features) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
-        recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"),
+        recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"), search=_read_json(out / "gptq" / "search.json") if gptq else None,
     )
 
 

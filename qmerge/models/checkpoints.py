@@ -16,18 +16,22 @@ from qmerge.merge.adapter import Mix
 from qmerge.merge.edits import apply_to_model
 from qmerge.models.base import load_base
 from qmerge.models.float32 import float32_compute
+from qmerge.models.mixed import has_dynamic, load_mixed
 
 
 def candidate_dtype(path: Path, device: torch.device) -> torch.dtype:
     """The dtype a candidate computes in: float32, except a quantized checkpoint on CUDA: GPTQModel
-    picks Marlin there, which computes in float16 only (as servers run it)."""
-    return torch.float16 if _quantized(path) and device.type == "cuda" else torch.float32
+    picks Marlin there, which computes in float16 only (as servers run it); one with per-module
+    overrides is loaded by GPTQModel's torch kernel and computes in float32 everywhere."""
+    return torch.float16 if _quantized(path) and not has_dynamic(path) and device.type == "cuda" else torch.float32
 
 
 def load_candidate(path: Path, device: torch.device, trust_remote_code: bool = False):
     """A merged or GPTQ checkpoint through plain transformers (GPTQ via its quantization_config); a
     float checkpoint in its stored dtype, computing in float32 (see float32_compute)."""
     load = dict(device_map={"": device}, trust_remote_code=trust_remote_code)
+    if _quantized(path) and has_dynamic(path):
+        return load_mixed(path, device, trust_remote_code)  # per-module overrides: only GPTQModel's loader honours them
     if _quantized(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=candidate_dtype(path, device), **load).eval()
     return float32_compute(AutoModelForCausalLM.from_pretrained(path, dtype="auto", **load)).eval()

@@ -21,10 +21,13 @@ LOG_NAME = "quantize.log"
 
 
 def quantize(
-    merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False, trust_remote_code: bool = False
+    merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False, trust_remote_code: bool = False,
+    dynamic: dict | None = None, mse: float = 0.0,
 ) -> list[dict]:
     """Quantize `merged_dir` into `out_dir`; returns the quantizer's per-module log
-    (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv."""
+    (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv. `dynamic`:
+    GPTQModel's per-module overrides (checked by qmerge.quant.dynamic); `mse`: its MSE clipping norm
+    (0: off, GPTQ's plain min/max grid)."""
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
@@ -32,7 +35,7 @@ def quantize(
         engine = gptqmodel()
         config = engine.QuantizeConfig(
             bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq",
-            offload_to_disk_path=str(scratch / "offload"),
+            dynamic=dynamic or None, mse=mse, offload_to_disk_path=str(scratch / "offload"),
         )
         model = engine.GPTQModel.load(str(merged_dir), config, device=str(device), trust_remote_code=trust_remote_code)
         rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calibration]

@@ -6,7 +6,7 @@ from qmerge.report.schema import SCHEMA_VERSION
 
 
 def assemble(*, inputs: dict, settings: dict, reference: dict, versions: dict, device: dict, merge: dict, stages: dict, candidates: dict,
-             evaluations: list[dict], final: str, servers: dict, gptq_log: list[dict], recipe: dict, samples: dict | None = None) -> dict:
+             evaluations: list[dict], final: str, servers: dict, gptq_log: list[dict], recipe: dict, samples: dict | None = None, search: dict | None = None) -> dict:
     """The report (schema 2): the stage results in their sections, and the quality budgets checked on
     the final checkpoint's row of the first eval set; `samples` (the side-by-side completions) when
     the run made them."""
@@ -27,6 +27,7 @@ def assemble(*, inputs: dict, settings: dict, reference: dict, versions: dict, d
         "gptq_log": gptq_log,
         "recipe": recipe,
         **({"samples": samples} if samples else {}),
+        **({"search": search} if search else {}),
     }
 
 

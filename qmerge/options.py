@@ -51,7 +51,6 @@ def _evaluation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-tokens", type=int, help="new tokens per completion (default 32)")
     p.add_argument("--max-kld", type=float, help="budget: fail with exit 3 if the final checkpoint's mean KLD exceeds this")
     p.add_argument("--max-ppl-ratio", type=float, help="budget: fail with exit 3 if the final checkpoint's PPL ratio exceeds this")
-    p.add_argument("--search", action=B, help="with --max-kld: search GPTQModel's per-module precision and options for the smallest checkpoint --target loads within the budget")
 
 
 def _base(p: argparse.ArgumentParser) -> None:
@@ -86,6 +85,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     _base(p)
     _merged(p)
     p.add_argument("--skip-gptq", action=B, help="stop after the merge (drift of the merged model only)")
+    p.add_argument("--search", action=B, help="with --max-kld: search GPTQModel's per-module precision and options for the smallest checkpoint --target loads within the budget")
     p.add_argument("--push-to", help="upload the final checkpoint to this hub repository (owner/name) at the end, as qmerge push does; not when a budget failed")
     p.add_argument("--private", action="store_true", help="with --push-to or push: create the repository private")
     _common(p)

@@ -31,6 +31,7 @@ from qmerge.merge.streaming import merge
 from qmerge.models.device import device_info
 from qmerge.models.reference import load_reference
 from qmerge.prepare import EvalSet, Prepared, effective, inputs_record, prepare
+from qmerge.quant import dynamic
 from qmerge.quant.gptq import quantize, read_quant_log
 from qmerge.quant.servers import servers
 from qmerge.report import card, files
@@ -197,7 +198,7 @@ def run_search(merged: Path, tmp: Path, p: Prepared, settings: RunSettings, verb
 def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool) -> Stage:
     """DIR/drift: every candidate scored against the reference on every eval set."""
     src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, p.device, p.trust_remote_code, settings.checkpoints)
-    names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
+    names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into, settings.search) for kind in kinds}
     batch = settings.data.batch_on(p.device.type)  # float32 GEMMs of another batch shape may round differently: part of the key
 
     def build(tmp: Path) -> dict:
@@ -245,15 +246,19 @@ def eval_section(e: EvalSet, result: dict, seq_len: int) -> dict:
 def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runner: StageRunner) -> dict:
     """The report, from the stage results on disk and what the run recorded."""
     gptq = not settings.skip_gptq
+    found = _read_json(out / "gptq" / "search.json") if gptq else None
+    verdicts = servers(settings.gptq, p.in_features) if gptq else {}
+    if found:
+        verdicts = dynamic.servers_with(verdicts, found["rows"][found["chosen"]]["dynamic"], settings.gptq, p.linears)
     return assemble(
         inputs=inputs, settings=settings.to_dict(),
         reference={"name": candidates.REFERENCES[settings.reference_kind], "kind": settings.reference_kind},
         versions=library_versions(), device=device_info(p.device), merge=runner.infos["merged"], stages=runner.records,
         candidates=json.loads((out / "drift" / "candidates.json").read_text()),
         evaluations=json.loads((out / "drift" / "evaluations.json").read_text()),
-        final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
-        servers=servers(settings.gptq, p.in_features) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
-        recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"), search=_read_json(out / "gptq" / "search.json") if gptq else None,
+        final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into, settings.search),
+        servers=verdicts, gptq_log=read_quant_log(out / "gptq") if gptq else [],
+        recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"), search=found,
     )
 
 

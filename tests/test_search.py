@@ -117,6 +117,10 @@ def test_mixed_precision_checkpoint_scores_as_its_stored_weights_dequantized_by_
         by_hand = _dequantized_by_hand(tmp_path / "q")(input_ids=ids).logits
     assert scored.dtype == torch.float32
     torch.testing.assert_close(scored, by_hand, rtol=0, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # why the loader is GPTQModel's: transformers' ignores `dynamic`
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32, device_map={"": "cpu"})
 
 
 def test_search_needs_a_budget(tiny_base, tiny_adapter, tmp_path, cli):
@@ -149,6 +153,7 @@ def test_search_halves_the_plain_kld_with_a_servable_checkpoint(tiny_run, tiny_b
     written = json.loads((tmp_path / "o" / "gptq" / "config.json").read_text())["quantization_config"]["dynamic"]
     assert written == chosen["dynamic"] and dynamic.violations(written, BASE, SHAPES, "vllm") == []
     assert "Per-module precision" in (tmp_path / "o" / "gptq" / "README.md").read_text()
+    assert rep["servers"]["vllm"]["loads"] and not rep["servers"]["transformers"]["loads"]
     html = (tmp_path / "o" / "report.html").read_text()
     assert 'class="chart search"' in html and "(chosen)" in html
     print(f"\nsearch on the tiny model: plain {rows[0]['bits_per_weight']:.3f} bits/weight KLD {plain:.4g} ± {rows[0]['kld_mean_se']:.2g}; chosen {chosen['name']}: "

@@ -147,3 +147,16 @@ def check(dynamic: dict | None, gptq: GPTQSettings, shapes: dict[str, tuple[int,
 def describe(dynamic: dict | None, base: Setting, modules: list[str]) -> dict[str, str]:
     """Per module, what it got ("4-bit g64", "16-bit"): the model card's and the report's words."""
     return {m: (s.label() if s is not KEEP else "16-bit") for m in modules for s in [resolve(dynamic, m, base)]}
+
+
+def servers_with(verdicts: dict[str, dict], dynamic: dict | None, gptq: GPTQSettings, shapes: dict[str, tuple[int, int]]) -> dict[str, dict]:
+    """The servers' verdicts (qmerge.quant.servers) for a checkpoint with per-module overrides:
+    transformers' from_pretrained builds every layer at the top-level bits and refuses the 8-bit
+    tensors (size mismatch), GPTQModel's own loader reads them; vLLM/SGLang as the rules above say."""
+    if not dynamic:
+        return verdicts
+    out = {**verdicts, "transformers": {"loads": False, "why": "per-module overrides (dynamic): transformers' from_pretrained refuses them; load with GPTQModel.load"}}
+    for server in ("vllm", "sglang"):
+        why = violations(dynamic, base_setting(gptq), shapes, server)
+        out[server] = {"loads": verdicts[server]["loads"] and not why, "why": "; ".join(why) or verdicts[server]["why"] + " with dynamic overrides"}
+    return out

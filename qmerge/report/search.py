@@ -83,6 +83,7 @@ Modules by setting: {', '.join(f'{n} × {s}' for s, n in sorted(counts.items()))
 
 {listing}
 
-The overrides are GPTQModel's `dynamic` in `config.json`'s `quantization_config`; load with GPTQModel
-(`GPTQModel.load(path)`) or vLLM/SGLang, which honour it.
+The overrides are GPTQModel's `dynamic` in `config.json`'s `quantization_config`: load with GPTQModel
+(`GPTQModel.load(path)`), or serve with vLLM/SGLang (whose GPTQ Marlin path reads `dynamic`);
+transformers' `from_pretrained` builds every layer at the top-level bits and refuses this checkpoint.
 """

@@ -39,7 +39,7 @@ NF4_KEYS = tuple(k for k, s in _SECTION.items() if s == "nf4")
 MERGE_KEYS = (*NF4_KEYS, "merge_into", "merged_dtype", "device", "allow_pickle", "trust_remote_code", "revision")
 QUANTIZE_KEYS = (*(k for k, s in _SECTION.items() if s == "gptq"), "calibration", "calibration_samples", "seq_len", "device", "seed", "trust_remote_code")
 VERIFY_KEYS = (*NF4_KEYS, "merge_into", "device", "trust_remote_code", "revision")
-EVAL_KEYS = tuple(k for k in recipe.KEYS if k not in ("base", "adapter", "out"))
+EVAL_KEYS = tuple(k for k in recipe.KEYS if k not in ("base", "adapter", "out", "search"))  # eval scores DIR/gptq as it is: no search
 UNUSED = "-"  # base and adapter of a stage that reads neither (quantize): RunSettings requires both
 
 

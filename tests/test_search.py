@@ -171,3 +171,30 @@ def test_an_impossible_budget_exits_3_with_the_best_found_and_keeps_the_outputs(
     assert f"{search['distance']:+.3g}" in line
     for kept in ("merged", "gptq", "report.html", "report.md"):
         assert (tmp_path / "o" / kept).exists()
+
+
+def _row(name, size, kld, ok, chosen=False):
+    return {"name": name, "size_bytes": size, "bits_per_weight": 8 * size / 1e5, "kld_mean": kld, "kld_mean_se": kld / 10, "ok": ok, "wall_s": 1.0,
+            "dynamic": {}, **({"chosen": True} if chosen else {})}
+
+
+def test_choice_and_its_report_on_hand_made_rows():
+    """The smallest row within the budget is chosen, else the one of lowest KLD; the report's table,
+    chart and verdict say which and how far from the budget (plain data: no run needed)."""
+    from qmerge.eval.search import choose
+    from qmerge.report import search as report_search
+
+    rows = [_row("plain", 100, 0.09, False), _row("a", 120, 0.04, True), _row("b", 110, 0.045, True), _row("c", 130, 0.03, True)]
+    assert choose(rows) == 2
+    assert choose([r | {"ok": False} for r in rows]) == 3
+    rows[2]["chosen"] = True
+    found = {"budget": 0.05, "target": "vllm", "met": True, "chosen": 2, "rows": rows, "ranking": None, "distance": -0.005, "wall_s": 9.0,
+             "modules": {"m.q_proj": "8-bit g64", "m.k_proj": "8-bit g64", "m.o_proj": "4-bit g64", "m.down_proj": "4-bit g64", "m.up_proj": "4-bit g64"}}
+    line = report_search.verdict(found)
+    assert "b (" in line and "meets the budget 0.05 (-0.005, ×0.9)" in line
+    md = report_search.markdown({"search": found, "evaluations": [{"eval": "stdlib"}]})
+    assert "**→ b**" in md and md.count("\n| ") == 5 and "| 0.500 |" in md  # header + 4 rows; b's KLD is 0.5 × plain's
+    svg = report_search.chart(found)
+    assert svg.count("<circle") == 4 + 4 and "(chosen)" in svg and "budget: mean KLD 0.05" in svg
+    card = report_search.card(found)
+    assert "`m.q_proj`: 8-bit g64" in card and "`m.o_proj`" not in card and "3 × 4-bit g64" in card

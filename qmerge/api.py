@@ -25,6 +25,7 @@ from qmerge.eval.verify import verify as verify_merged
 from qmerge.io.inputs import resolve
 from qmerge.io.progress import showing
 from qmerge.merge.adapter import load_mix
+from qmerge.report.search import verdict as search_verdict
 
 __all__ = ["run", "merge_adapter", "gptq_quantize", "evaluate", "verify", "push", "RunResult", "QuantizeResult"]
 
@@ -61,6 +62,7 @@ class RunResult:
             "final": {"name": name, **{k: m[k] for k in ("kld_mean", "kld_mean_se", "kld_p99", "ppl", "ppl_ratio", "top1_agreement")}},
             "budgets": self.report["budgets"],
             "budgets_ok": self.budgets_ok,
+            **({"search": search_verdict(self.report["search"])} if self.report.get("search") else {}),
             **({"pushed": self.pushed} if self.pushed else {}),
         }
 

@@ -175,7 +175,7 @@ def _status_of(args: argparse.Namespace) -> tuple[int, dict]:
         summary = _dispatch(args)
         if summary.get("budgets_ok") is False:
             failed = [f"{k} {b['value']:.4g} > {b['limit']:.4g}" for k, b in summary["budgets"].items() if not b["ok"]]
-            print(f"qmerge: quality budget failed: {'; '.join(failed)}", file=sys.stderr)
+            print(f"qmerge: quality budget failed: {'; '.join(failed)}" + (f"; {summary['search']}" if summary.get("search") else ""), file=sys.stderr)
             return EXIT_BUDGET, summary
         return EXIT_OK, summary
     except VerifyError as e:

@@ -28,7 +28,8 @@ from qmerge.io.inputs import load_base_config
 from qmerge.io.manifests import MANIFESTS, files_record, key_of
 from qmerge.merge.source import as_trained, effective_settings
 from qmerge.models.device import pick_device
-from qmerge.pipeline import calibration_key, common_parts, declare, gptq_stage, in_process, report_of, scratch_dir, write_outputs
+from qmerge.outputs import report_of, write_outputs
+from qmerge.pipeline import calibration_key, common_parts, declare, gptq_stage, in_process, scratch_dir
 from qmerge.plan import make as memory_plan
 from qmerge.runner import StageRunner
 from qmerge.prepare import Prepared, check_out, effective, gptq_plan, inputs_record, prepare
@@ -40,7 +41,7 @@ NF4_KEYS = tuple(k for k, s in _SECTION.items() if s == "nf4")
 MERGE_KEYS = (*NF4_KEYS, "merge_into", "merged_dtype", "device", "allow_pickle", "trust_remote_code", "revision")
 QUANTIZE_KEYS = (*(k for k, s in _SECTION.items() if s == "gptq"), "calibration", "calibration_samples", "seq_len", "device", "seed", "trust_remote_code")
 VERIFY_KEYS = (*NF4_KEYS, "merge_into", "device", "trust_remote_code", "revision")
-EVAL_KEYS = tuple(k for k in recipe.KEYS if k not in ("base", "adapter", "out"))
+EVAL_KEYS = tuple(k for k in recipe.KEYS if k not in ("base", "adapter", "out", "search"))  # eval scores DIR/gptq as it is: no search
 UNUSED = "-"  # base and adapter of a stage that reads neither (quantize): RunSettings requires both
 
 

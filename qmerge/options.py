@@ -97,6 +97,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     _base(p)
     _merged(p)
     p.add_argument("--skip-gptq", action=B, help="stop after the merge (drift of the merged model only)")
+    p.add_argument("--search", action=B, help="with --max-kld: search GPTQModel's per-module precision and options for the smallest checkpoint --target loads within the budget")
     p.add_argument("--push-to", help="upload the final checkpoint to this hub repository (owner/name) at the end, as qmerge push does; not when a budget failed")
     p.add_argument("--private", action="store_true", help="with --push-to or push: create the repository private")
     _common(p)

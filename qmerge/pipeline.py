@@ -9,7 +9,6 @@ existing DIR is touched only with --overwrite or --resume.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -19,8 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from qmerge import recipe
-from qmerge.eval import candidates, samples
+from qmerge.eval import candidates, samples, search
 from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
 from qmerge.io import text
@@ -29,18 +27,15 @@ from qmerge.io.manifests import MANIFESTS, StageCommitter
 from qmerge.io.memory import release
 from qmerge.merge.nf4base import write_nf4_base
 from qmerge.merge.streaming import merge
-from qmerge.models.device import device_info
 from qmerge.models.placement import Placement
 from qmerge.models.precision import describe
 from qmerge.models.reference import load_reference
 from qmerge.plan import Plan
 from qmerge.plan import make as memory_plan
+from qmerge.outputs import report_of, write_outputs
 from qmerge.prepare import EvalSet, Prepared, effective, inputs_record, prepare
-from qmerge.quant.gptq import quantize, read_quant_log
-from qmerge.quant.servers import servers
-from qmerge.report import card, files
-from qmerge.report.assemble import assemble
-from qmerge.report.markdown import table
+from qmerge.quant.gptq import quantize
+from qmerge.report import files
 from qmerge.report.schema import library_versions
 from qmerge.runner import Stage, StageRunner, worker_method
 from qmerge.settings import VERSION, NF4Settings, RunSettings, reference_kind
@@ -151,7 +146,8 @@ def declare(settings: RunSettings, p: Prepared, out: Path, inputs: dict, verbose
         nf4_dir = out / "nf4"
     stages.append(merged_stage("merged", settings.merge_into, p, settings.nf4, settings.merged_dtype, hashes, echo, where, nf4_dir, check_merge))
     if "gptq" in kinds:
-        stages.append(gptq_stage("gptq", "merged", p, out, settings, calibration, common, verbose))
+        search_in = (plan, nf4_dir or p.base_dir) if settings.search else None
+        stages.append(gptq_stage("gptq", "merged", p, out, settings, calibration, common, verbose, echo, search_in))
     if "gptq-original" in kinds:  # the GPTQ most tools' users would ship: of the original-base merge
         stages.append(merged_stage("merged-original", "original", p, settings.nf4, settings.merged_dtype, hashes, echo, where, None))
         stages.append(gptq_stage("gptq-original", "merged-original", p, out, settings, calibration, common, verbose))
@@ -198,15 +194,25 @@ def merged_stage(name: str, into: str, p: Prepared, nf4: NF4Settings, dtype: str
     return Stage(name, dict(dtype=dtype, into=into, **hashes), build, after=("nf4",) if nf4_dir else ())
 
 
-def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSettings, calibration: str, common: dict, verbose: bool) -> Stage:
-    """DIR/gptq: GPTQModel's quantization of a merged stage's checkpoint."""
+def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSettings, calibration: str, common: dict, verbose: bool, echo: bool = False,
+               search_in: tuple[Plan, Path] | None = None) -> Stage:
+    """DIR/gptq: GPTQModel's quantization of a merged stage's checkpoint; with `search_in` (--search:
+    the memory plan and the as-trained base), the checkpoint the drift-budget search chose, and its
+    trials in DIR/gptq/search.json."""
     gptq = settings.gptq
 
     def build(tmp: Path) -> dict:
-        quantize(out / source, tmp, p.calibration, gptq, p.device, verbose, p.trust_remote_code)
+        if search_in is None:
+            quantize(out / source, tmp, p.calibration, gptq, p.device, verbose, p.trust_remote_code)
+            return {}
+        plan, as_trained = search_in
+        reference = load_reference(as_trained, p.mix, settings.nf4, plan.reference_placement(), p.trust_remote_code, settings.reference_kind)
+        job = search.Job(out / source, p.calibration, p.evaluations[0].windows, gptq, p.linears, p.device, settings.max_kld, plan.eval_batch, verbose, p.trust_remote_code, echo)
+        search.run(job, reference, tmp)
         return {}
 
-    return Stage(name, dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **common), build, after=(source,))
+    search_key = dict(search=settings.max_kld, evals=text.stream_sha256(p.evaluations[0].windows)) if search_in else {}
+    return Stage(name, dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **search_key, **common), build, after=(source,))
 
 
 def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool, plan: Plan, as_trained: Path) -> Stage:
@@ -215,7 +221,7 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
     disk; the eval batch)."""
     where = plan.placement(scratch_dir(out))
     src = candidates.Sources(out, p.base_dir, p.mix, settings.nf4, settings.gptq, settings.merged_dtype, p.linears, where, p.trust_remote_code, settings.checkpoints, p.nf4_linears)
-    names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into) for kind in kinds}
+    names = {kind: candidates.display_name(kind, settings.gptq, settings.merge_into, settings.search) for kind in kinds}
     batch = plan.eval_batch  # float32 GEMMs of another batch shape may round differently: part of the key
 
     def build(tmp: Path) -> dict:
@@ -258,38 +264,3 @@ def eval_section(e: EvalSet, result: dict, seq_len: int) -> dict:
         "eval": e.name, "windows": len(e.windows), "seq_len": seq_len, "tokens": first["tokens"], "scored_bytes": e.scored_bytes,
         "windows_sha256": text.stream_sha256(e.windows), "calibration_overlap": e.overlap, **result,
     }
-
-
-def report_of(settings: RunSettings, p: Prepared, out: Path, inputs: dict, runner: StageRunner, plan: Plan) -> dict:
-    """The report, from the stage results on disk and what the run recorded."""
-    gptq = not settings.skip_gptq
-    resolved = settings.to_dict()
-    resolved["gptq"]["group_size_auto"] = p.plan is not None and p.plan.note is not None
-    return assemble(
-        inputs=inputs, settings=resolved,
-        reference={"name": candidates.REFERENCES[settings.reference_kind], "kind": settings.reference_kind},
-        versions=library_versions(), device=device_info(p.device), merge=runner.infos["merged"], stages=runner.records,
-        candidates=json.loads((out / "drift" / "candidates.json").read_text()),
-        evaluations=files.undefined_as_nan(json.loads((out / "drift" / "evaluations.json").read_text())),
-        final=candidates.display_name(settings.final_kind, settings.gptq, settings.merge_into),
-        servers=servers(settings.gptq, p.in_features, p.plan.loader) if gptq else {}, gptq_log=read_quant_log(out / "gptq") if gptq else [],
-        recipe=recipe.resolved(settings), samples=_read_json(out / "drift" / "samples.json"), plan=plan.to_dict(),
-    )
-
-
-def _read_json(path: Path):
-    """A stage file added since the stage's first release (None when a reused stage predates it)."""
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_outputs(rep: dict, settings: RunSettings, out: Path, echo: bool) -> None:
-    files.write(rep, out)
-    recipe.dump(settings, out / "recipe.resolved.yaml")
-    if not settings.skip_gptq:
-        (out / "gptq" / "README.md").write_text(card.render(rep))
-    if echo:
-        print(table(rep))
-        print(f"[qmerge] merged checkpoint: {out / 'merged'}")
-        if not settings.skip_gptq:
-            print(f"[qmerge] GPTQ checkpoint:   {out / 'gptq'}")
-        print(f"[qmerge] report:            {out / 'report.md'} (and report.json)")

@@ -85,6 +85,8 @@ def gptq_plan(settings: RunSettings, config, source, nf4_names: set[str]) -> tup
         return {n: shapes[f"{n}.weight"] for n in nf4_names}, GPTQPlan(settings.gptq)
     if settings.skip_gptq:
         return layers.shapes, GPTQPlan(settings.gptq)
+    if settings.search and layers.fused:
+        raise QmergeError(f"--search cannot set a precision per module on a model with fused layers ({next(iter(layers.fused))}): run without --search")
     gptq, note = resolve_group_size(layers.shapes, settings.gptq)
     loader = gptq_loader(config, layers, settings.trust_remote_code)
     check_target(gptq, {shape[1] for shape in layers.shapes.values()}, loader)

@@ -140,6 +140,7 @@ class RunSettings:
     stream: str = "auto"  # candidates streamed a layer at a time: auto (when the memory plan says they do not fit), always, never
     max_kld: float | None = None  # quality budgets on the final checkpoint: exit 3 when exceeded
     max_ppl_ratio: float | None = None
+    search: bool = False  # find the smallest servable GPTQ checkpoint within max_kld (qmerge.eval.search)
     checkpoints: tuple[str, ...] = ()  # NAME=DIR_OR_HUB_ID each: checkpoints made elsewhere (GPTQ, AWQ, merged) scored as candidates too
     revision: str | None = None  # the base's hub revision (branch, tag or commit); adapters pin theirs as ID@REVISION
     # the nf4 fields the user set (flag or recipe): a pre-quantized base decides the others, and
@@ -173,6 +174,8 @@ class RunSettings:
             raise QmergeError(f"--checkpoint names a candidate twice ({', '.join(names)}); give each checkpoint its own NAME")
         if self.final_kind not in (*self.candidates, *self.checkpoint_kinds):
             raise QmergeError(f"--candidates must include {self.final_kind}, the checkpoint this run delivers (budgets apply to it)")
+        if self.search and (self.max_kld is None or self.skip_gptq or "gptq" not in self.candidates):
+            raise QmergeError("--search needs a budget to search for and the gptq row: give --max-kld X, without --skip-gptq")
         for flag, value in (("--max-kld", self.max_kld), ("--max-ppl-ratio", self.max_ppl_ratio)):
             if value is not None and value <= 0:
                 raise QmergeError(f"{flag} {value} must be positive")

@@ -56,7 +56,7 @@ class Sources:
     nf4_linears: frozenset[str] = frozenset()  # the layers bitsandbytes quantized (PEFT's 4-bit merge re-rounds these)
 
 
-def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4") -> str:
+def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4", searched: bool = False) -> str:
     if kind.startswith(CHECKPOINT):
         return kind.removeprefix(CHECKPOINT)
     grid = f"{gptq.bits}-bit g{gptq.group_size}"
@@ -65,7 +65,7 @@ def display_name(kind: str, gptq: GPTQSettings, merge_into: str = "nf4") -> str:
         "original": "merged into original 16-bit base (PEFT fp16, unsloth, LLaMA-Factory)",
         "peft-nf4": "PEFT merge_and_unload on the 4-bit model (re-rounded to NF4)",
         "rtn": f"rtn {grid}",
-        "gptq": f"gptq {grid}",
+        "gptq": f"gptq {grid}" + (" chosen by the drift-budget search" if searched else ""),
         "gptq-original": f"gptq {grid} of the original-base merge",
         "base": "base without adapter (the fine-tune's own effect)",
         "noise-floor": NOISE_FLOOR,

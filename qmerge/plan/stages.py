@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qmerge.eval.metrics import POSITIONS, head_positions
+from qmerge.eval.search import MAX_RUNS
 from qmerge.models.float32 import UPCAST_ELEMENTS
 from qmerge.plan.shape import Shape
 from qmerge.settings import RunSettings
@@ -118,6 +119,11 @@ def gptq_stage(name: str, s: Shape, settings: RunSettings, base: int, cuda: bool
         devices = {"cpu": {"base": base + GPTQ_ENGINE, "weights": 2 * s.params}, "cuda": {"base": CUDA_CONTEXT, **work}}
     else:
         devices = {"cpu": {"base": base + GPTQ_ENGINE, "weights": 2 * s.params + work["weights"], "activations": work["activations"]}}
+    if settings.search and name == "gptq":  # eval.search: the reference held throughout; its probe adds a GPTQ trial and the float merge
+        reference = reference_bytes(s, settings, cuda)
+        devices["cuda" if cuda else "cpu"]["search"] = reference + candidate_bytes("gptq", s, False, settings, reference, cuda) + sixteen_bit(s, False)
+        # on disk: every trial's checkpoint until the choice, and GPTQModel's offload
+        return StagePlan(name, devices, disk=(MAX_RUNS + 1) * size, notes=["drift-budget search: the reference and two candidates"])
     return StagePlan(name, devices, disk=2 * size)  # the checkpoint, and GPTQModel's offload while it works
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from qmerge.errors import QmergeError
 from qmerge.io.progress import Progress
 from qmerge.models.architecture import transformers_holds
 from qmerge.models.engine import gptqmodel, transformers_unpatched
@@ -29,22 +30,28 @@ LOG_NAME = "quantize.log"
 
 
 def quantize(
-    merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False, trust_remote_code: bool = False
+    merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False, trust_remote_code: bool = False,
+    dynamic: dict | None = None, mse: float = 0.0,
 ) -> list[dict]:
     """Quantize `merged_dir` into `out_dir`, in the layout of the model it came from, checked as
     qmerge.quant.gptq_check says before it is handed over; returns the quantizer's per-module log
-    (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv."""
+    (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv. `dynamic`:
+    GPTQModel's per-module overrides (checked by qmerge.quant.dynamic; such a checkpoint is checked
+    in GPTQModel's loader, as transformers' ignores them); `mse`: its MSE clipping norm (0: off,
+    GPTQ's plain min/max grid)."""
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = structure.of_checkpoint(merged_dir, trust_remote_code)
     gptq, _ = resolve_group_size(layers.shapes, gptq)  # group size auto: decided on the layers GPTQ quantizes
     hf_config = AutoConfig.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
-    loader = gptq_loader(hf_config, layers, trust_remote_code)
+    loader = "gptqmodel" if dynamic else gptq_loader(hf_config, layers, trust_remote_code)
+    if dynamic and layers.fused:  # its patterns would name the parts GPTQModel splits, the checkpoint stores them fused
+        raise QmergeError(f"per-module overrides are not supported on a model with fused layers ({next(iter(layers.fused))}); run without --search")
     with transformers_unpatched(hf_config.model_type), _quiet(out_dir / LOG_NAME, verbose) as progress_stream, _scratch_cwd() as scratch:
         engine = gptqmodel()
         config = engine.QuantizeConfig(
             bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq",
-            offload_to_disk_path=str(scratch / "offload"),
+            dynamic=dynamic or None, mse=mse, offload_to_disk_path=str(scratch / "offload"),
         )
         emulate = device.type == "cpu" and not native(torch.bfloat16, device)
         compute = {"dtype": torch.float32} if emulate else {}  # GPTQModel's CPU default is bf16
@@ -58,7 +65,7 @@ def quantize(
             _float32_stored_as_bf16(out_dir)
         _scrub_local_paths(out_dir)
         fuse(out_dir, layers.fused, gptq.bits)
-        check_layers(out_dir, merged_dir, layers, gptq.bits)
+        check_layers(out_dir, merged_dir, layers, gptq, dynamic)
         check_loads(out_dir, calibration[0], device, loader, trust_remote_code)
     return read_quant_log(out_dir)
 

@@ -16,23 +16,28 @@ from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.models.engine import gptqmodel
 from qmerge.models.precision import native
 from qmerge.models.loading import from_pretrained
+from qmerge.quant import dynamic
 from qmerge.quant.gptq_float import quantized_layers
 from qmerge.quant.gptq_weights import dequantize, layer_tensors
 from qmerge.quant.structure import GPTQLayers
+from qmerge.settings import GPTQSettings
 
 MAX_REL_ERROR = 1.0  # ‖dequantized − merged‖ / ‖merged‖ per layer: 2-bit GPTQ stays well under it, unrelated rows land near √2
 
 
-def check_layers(out_dir: Path, merged_dir: Path, layers: GPTQLayers, bits: int) -> None:
-    """The checkpoint's quantized layers are the expected ones, each close to its merged weight."""
-    stored, expected = set(quantized_layers(out_dir)), set(layers.shapes)
+def check_layers(out_dir: Path, merged_dir: Path, layers: GPTQLayers, gptq: GPTQSettings, overrides: dict | None = None) -> None:
+    """The checkpoint's quantized layers are the expected ones (but those `overrides`, GPTQModel's
+    `dynamic`, keep 16-bit), each close to its merged weight at the bits it was given."""
+    base = dynamic.base_setting(gptq)
+    setting = {name: dynamic.resolve(overrides, name, base) for name in layers.shapes}
+    stored, expected = set(quantized_layers(out_dir)), {name for name, s in setting.items() if s is not dynamic.KEEP}
     if stored != expected:
         odd = sorted(stored ^ expected)[0]
         said = "quantized" if odd in stored else "did not quantize"
         raise VerifyError(f"GPTQModel {said} {odd}, against its own model definition; the GPTQ checkpoint is not handed over (report a bug with the architecture)")
     ckpt, merged = LazyCheckpoint.open(out_dir), LazyCheckpoint.open(merged_dir)
     for name in sorted(expected):
-        weight, reference = dequantize(layer_tensors(ckpt, name), bits), merged.get(f"{name}.weight").double()
+        weight, reference = dequantize(layer_tensors(ckpt, name), setting[name].bits), merged.get(f"{name}.weight").double()
         if not torch.isfinite(weight).all():
             raise QmergeError(f"the GPTQ checkpoint's {name} holds non-finite weights: the merged layer's values exceed what float16 scales hold (65504 per level); it is not handed over")
         rel = (torch.linalg.norm(weight.double() - reference) / torch.linalg.norm(reference)).item()

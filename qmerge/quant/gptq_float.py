@@ -5,7 +5,8 @@ float16, where Gemma-family activations overflow), so the GPTQ row is instead a 
 model of the checkpoint's architecture: every tensor the checkpoint stores loaded as stored (with
 transformers' own key conversions), every quantized layer held as it is stored, integer levels and
 float16 scales (qmerge.quant.rtn.RoundedLinear, an eighth of a float32 copy at 4 bits), its weight
-made in float32 as the layer runs (exact: qmerge.quant.gptq_weights), fused MoE experts turned into
+made in float32 as the layer runs (exact: qmerge.quant.gptq_weights) at the bits the checkpoint's
+per-module overrides (`dynamic`) gave it, a module they keep 16-bit read as its stored weight, fused MoE experts turned into
 per-expert layers first (qmerge.models.architecture.linear_layers). Nothing is left as initialised: a tensor the
 model expects that neither the checkpoint nor a quantized layer provides is an error naming it.
 """
@@ -23,6 +24,7 @@ from qmerge.io.checkpoint import LazyCheckpoint
 from qmerge.models.architecture import linear_layers
 from qmerge.models.float32 import float32_compute
 from qmerge.models.loading import load_problem
+from qmerge.quant.dynamic import Setting, resolve
 from qmerge.quant.gptq_weights import SUFFIXES, layer_tensors, stored_levels
 from qmerge.quant.rtn import RoundedLinear
 
@@ -59,8 +61,10 @@ def load_float32(path: Path, device: torch.device, trust_remote_code: bool = Fal
         raise QmergeError(f"the GPTQ checkpoint ({path}) lacks tensor {lacking[0]} of a quantized layer; re-run the GPTQ stage")
     linears = linear_layers(model, names)
     _check_covered(model, info, set(names), path)
+    base = Setting(qc["bits"], qc["group_size"])
     for name, linear in linears.items():  # held as stored (levels and scales), the float32 weight made as each runs
-        levels, scales, g_idx = (t.to(device) for t in stored_levels(layer_tensors(ckpt, name), qc["bits"]))
+        bits = resolve(qc.get("dynamic"), name, base).bits  # per-module overrides: what GPTQModel quantized this layer with
+        levels, scales, g_idx = (t.to(device) for t in stored_levels(layer_tensors(ckpt, name), bits))
         model.set_submodule(name, RoundedLinear(levels, scales, linear.bias, g_idx))
     return float32_compute(model).eval()
 

@@ -6,7 +6,8 @@ from qmerge.report.schema import SCHEMA_VERSION
 
 
 def assemble(*, inputs: dict, settings: dict, reference: dict, versions: dict, device: dict, merge: dict, stages: dict, candidates: dict,
-             evaluations: list[dict], final: str, servers: dict, gptq_log: list[dict], recipe: dict, samples: dict | None = None, plan: dict | None = None) -> dict:
+             evaluations: list[dict], final: str, servers: dict, gptq_log: list[dict], recipe: dict, samples: dict | None = None, plan: dict | None = None,
+             search: dict | None = None) -> dict:
     """The report (schema 2): the stage results in their sections, and the quality budgets checked on
     the final checkpoint's row of the first eval set; `samples` (the side-by-side completions) when
     the run made them."""
@@ -28,6 +29,7 @@ def assemble(*, inputs: dict, settings: dict, reference: dict, versions: dict, d
         "recipe": recipe,
         **({"samples": samples} if samples else {}),
         **({"plan": plan} if plan is not None else {}),
+        **({"search": search} if search else {}),
     }
 
 

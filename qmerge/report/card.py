@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from qmerge.report import search
 from qmerge.report.markdown import merged_into, table
 
 
@@ -70,6 +71,7 @@ Eval on `{rep['evaluations'][0]['eval']}`; KLD = KL(as trained ‖ model); stand
 size = bytes of tensor data, bits/weight over the quantized linear layers.
 
 {table(rep)}
+{search.card(rep.get("search"))}
 ## Servers
 
 | server | loads | note |

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from qmerge.report import html, samples
+from qmerge.report import html, samples, search
 from qmerge.report.markdown import markdown
 
 
@@ -43,5 +43,5 @@ def dumps(value, **kwargs) -> str:
 
 def write(report: dict, out_dir: Path) -> None:
     (out_dir / "report.json").write_text(dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown(report) + samples.markdown(report))
+    (out_dir / "report.md").write_text(markdown(report) + search.markdown(report) + samples.markdown(report))
     (out_dir / "report.html").write_text(html.render(report))

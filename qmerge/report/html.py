@@ -18,7 +18,7 @@ from html import escape
 from qmerge.report.charts import (
     PALETTE, REFERENCE_COLOUR, Axis, Row, dot_plot, gptq_loss_chart, is_context, kld_hist_chart, layer_chart, pareto_chart,
 )
-from qmerge.report import samples
+from qmerge.report import samples, search
 from qmerge.report.markdown import markdown
 
 STYLE = """
@@ -46,9 +46,11 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 def render(report: dict) -> str:
     """The whole report page: report.md's text and tables, the side-by-side completions, then the
     charts of each eval set (a part the report lacks, such as layers or a GPTQ log, leaves its chart out)."""
-    body = markdown_to_html(markdown(report)) + samples.html(report)
+    body = markdown_to_html(markdown(report) + search.markdown(report)) + samples.html(report)
     colours = candidate_colours(report)
     charts = [evaluation_charts(report, ev, colours) for ev in report.get("evaluations", [])]
+    if report.get("search"):
+        charts.insert(0, figure(search.chart(report["search"]), "Drift-budget search: weights on disk against mean KLD ± SE of every configuration tried (numbered as in its table; hollow: above the budget), the chosen one red, the budget dotted green, the Pareto frontier of the tried configurations dashed."))
     if report.get("gptq_log"):
         charts.append(figure(gptq_loss_chart(report["gptq_log"]), "GPTQModel's loss per quantized module (log scale), by layer: where GPTQ found the weights hardest to round."))
     if any(charts):

@@ -1,0 +1,66 @@
+"""Which modules' quantization moves the model most: the search's ranking, one cheap exact probe.
+
+The probe starts from the plain GPTQ checkpoint (every module at the run's bits) and, for one group
+of modules at a time, puts back their float weights from DIR/merged, measuring the mean KLD against
+the reference on a few calibration windows. The drop is what that group's quantization costs *at the
+operating point*, interactions with every other quantized module included, and it bounds what
+promoting the group to 8 bits can buy (8-bit GPTQ leaves about 1/256 of 4-bit's squared error).
+Why not GPTQ's own per-module losses: they are output errors of one layer in its own units
+(down_proj's are orders larger than k_proj's) and say nothing about the logits; why not the report's
+per-layer hidden-state drift: it is per layer, not per module, and accumulates all earlier layers.
+The cost is one forward of a few windows per group, with no GPTQ run; calibration windows (not the
+eval set the budget is judged on) so the choice is not fitted to the numbers that judge it.
+
+Groups are what a server must treat alike: q/k/v of one layer (vLLM and SGLang fuse them), gate/up
+(fused too), and every other linear module on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qmerge.eval.metrics import compare
+
+FUSED_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def groups(modules: list[str]) -> dict[str, list[str]]:
+    """Module groups that share one setting, by name (`model.layers.3.qkv` → its q/k/v projections)."""
+    out: dict[str, list[str]] = {}
+    for module in modules:
+        prefix, _, leaf = module.rpartition(".")
+        out.setdefault(f"{prefix}.{FUSED_GROUPS.get(leaf, leaf)}", []).append(module)
+    return out
+
+
+@torch.inference_mode()
+def probe(reference: torch.nn.Module, quantized: torch.nn.Module, floating: torch.nn.Module, windows: torch.Tensor, members: dict[str, list[str]],
+          progress: Callable[[str], None] = lambda _: None) -> tuple[float, dict[str, float]]:
+    """(mean KLD of `quantized` on `windows`, per group the KLD drop when its modules take their
+    weights from `floating`)."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    ref_logits = reference(input_ids=inputs).logits
+
+    def kld() -> float:
+        return compare(ref_logits, quantized(input_ids=inputs).logits, targets).kld.mean().item()
+
+    plain = kld()
+    gains = {}
+    for i, (group, modules) in enumerate(members.items()):
+        saved = {m: _swap(quantized, m, floating.get_submodule(m)) for m in modules}
+        gains[group] = plain - kld()
+        for m, module in saved.items():
+            _swap(quantized, m, module)
+        progress(f"sensitivity {i + 1}/{len(members)}")
+    return plain, gains
+
+
+def _swap(model: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
+    """Put `new` at `name` in `model`; returns what was there."""
+    parent, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    old = getattr(owner, leaf)
+    setattr(owner, leaf, new)
+    return old

@@ -227,7 +227,8 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
     def build(tmp: Path) -> dict:
         reference = load_reference(as_trained, p.mix, settings.nf4, plan.reference_placement(), p.trust_remote_code, settings.reference_kind)
         rows: dict[str, dict] = {}
-        texts = samples.Samples(settings.data, p.evaluations[0].name, p.evaluations[0].windows, AutoTokenizer.from_pretrained(p.base_dir, trust_remote_code=p.trust_remote_code))
+        tokenizer = AutoTokenizer.from_pretrained(p.base_dir, trust_remote_code=p.trust_remote_code)
+        texts = samples.Samples(settings.data, p.evaluations[0].name, p.evaluations[0].windows, tokenizer, plan.spare("drift"))
         texts.add(candidates.REFERENCES[settings.reference_kind], reference)
 
         def builder(kind: str, name: str) -> Callable[[], torch.nn.Module]:

@@ -238,3 +238,25 @@ def test_adapter_naming_another_base_warns_and_continues(broken, tmp_path, run_c
     result = run_cli(base, adapter, tmp_path / "out", "--skip-gptq", "--seq-len", "64", "--eval-samples", "4")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "qmerge: warning: the adapter names base 'someone/other-model'" in result.stderr
+
+
+def test_a_forked_worker_writes_through_gptqmodel_console_after_the_parent_imported_it():
+    """GPTQModel's console (logbar) funnels stdout through a writer thread started at import; a forked
+    stage worker has no such thread and hung at its first flush (the GPTQ stage of `qmerge demo` under
+    the AVX2 reproduction, idle for 10 minutes). The worker now starts a writer of its own."""
+    import signal
+
+    from qmerge.io import isolated
+    from qmerge.models.engine import gptqmodel
+
+    gptqmodel()
+
+    def flush() -> str:
+        from logbar import logbar
+
+        signal.alarm(60)  # a hang kills the worker: run() then raises instead of the test hanging
+        logbar._flush_stream()
+        signal.alarm(0)
+        return "flushed"
+
+    assert isolated.run(flush, "fork")[0] == "flushed"

@@ -79,3 +79,34 @@ def test_prompts_from_a_file(tiny_base, tmp_path):
     empty.write_text("\n")
     with pytest.raises(QmergeError, match="holds no prompt"):
         prompts.from_file(empty, tok, 1)
+
+
+def test_weights_made_once_for_decoding_compute_the_same_and_are_put_back(tiny_run, tiny_base, tiny_adapter):
+    """models.decoding.made_once on the three kinds of holder (the 4-bit reference, a GPTQ checkpoint's
+    levels, a 16-bit checkpoint upcast per use): the same logits, bit for bit, with the weights made
+    once; nothing made beyond the budget; every layer's forward as it was afterwards."""
+    from qmerge.eval.candidates import load_checkpoint
+    from qmerge.merge.adapter import load_mix
+    from qmerge.models.decoding import made_once, weight_maker
+    from qmerge.models.reference import load_reference
+    from qmerge.settings import NF4Settings
+
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    models = {
+        "reference": load_reference(tiny_base, load_mix((str(tiny_adapter),)), NF4Settings(), torch.device("cpu")),
+        "gptq": load_checkpoint(tiny_run.gptq, torch.device("cpu")),
+        "merged": load_checkpoint(tiny_run.merged, torch.device("cpu")),
+    }
+    with torch.inference_mode():
+        for name, model in models.items():
+            layers = [m for m in model.modules() if weight_maker(m) is not None]
+            assert layers, name
+            forwards = {m: m.__dict__.get("forward") for m in layers}
+            before = model(input_ids=ids).logits
+            with made_once(model, 0) as made:
+                assert not made
+            with made_once(model, 1 << 40) as made:
+                assert made and all("forward" in m.__dict__ and m.__dict__["forward"] is not forwards[m] for m in layers)
+                during = model(input_ids=ids).logits
+            assert {m: m.__dict__.get("forward") for m in layers} == forwards, name
+            assert torch.equal(before, during), name

@@ -3,10 +3,11 @@ and by a few candidates (the final checkpoint, and the merge into the original 1
 that row exists), side by side in the report with the first token where each departs from the
 reference's. Numbers say how much a model drifted; the text shows what that does to an answer.
 
-Completions are made while the drift stage has each model loaded (no extra load), by transformers'
-generate() with argmax at every step (ties go to the lowest token id) and nothing else, stopping at
-the end-of-sequence token; prompts of one length (the default's, cut from eval windows) in one batch. Everything after the first differing token is conditioned on a
-different prefix, so only the first divergence is marked.
+Completions are made while the drift stage has each model loaded (no extra load), its weights made
+once where memory allows (qmerge.models.decoding), by transformers' generate() with argmax at every
+step (ties go to the lowest token id) and nothing else, stopping at the end-of-sequence token;
+prompts of one length (the default's, cut from eval windows) in one batch. Everything after the
+first differing token is conditioned on a different prefix, so only the first divergence is marked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from qmerge.io import prompts as prompt_source
 from qmerge.io.manifests import file_sha256
+from qmerge.models.decoding import made_once
 from qmerge.settings import DataSettings
 
 
@@ -35,8 +37,9 @@ def key(data: DataSettings) -> list:
 class Samples:
     """Completions of the same prompts by several models, and the report's `samples` section."""
 
-    def __init__(self, data: DataSettings, eval_name: str, windows: torch.Tensor, tokenizer) -> None:
-        self.tokenizer, self.tokens, self.eos = tokenizer, data.sample_tokens, tokenizer.eos_token_id
+    def __init__(self, data: DataSettings, eval_name: str, windows: torch.Tensor, tokenizer, budget: int = 0) -> None:
+        """`budget`: bytes a model's float32 weights may take while it decodes (models.decoding)."""
+        self.tokenizer, self.tokens, self.eos, self.budget = tokenizer, data.sample_tokens, tokenizer.eos_token_id, budget
         if data.prompts:
             self.prompts, self.source = prompt_source.from_file(data.prompts, tokenizer, data.samples), f"prompts file {data.prompts}"
         else:
@@ -46,7 +49,8 @@ class Samples:
 
     def add(self, name: str, model: torch.nn.Module) -> None:
         if self.prompts:
-            self.completions[name] = complete(model, self.prompts, self.tokens, self.eos)
+            with made_once(model, self.budget):
+                self.completions[name] = complete(model, self.prompts, self.tokens, self.eos)
 
     def section(self, reference: str) -> dict | None:
         """report.json's `samples`: per prompt its text and token ids, and each model's completion: text, token

@@ -68,6 +68,7 @@ def run(step: Callable[[], Any], method: str) -> tuple[Any, float]:
 
 def _child(step: Callable[[], Any], send, threads: int | None) -> None:
     _die_with_parent()
+    _fresh_console_writer()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the parent's tokenizer threads are not ours
     if threads is not None:
         import torch
@@ -83,6 +84,16 @@ def _child(step: Callable[[], Any], send, threads: int | None) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _fresh_console_writer() -> None:
+    """GPTQModel's console library (logbar) sends stdout through a writer thread that the parent
+    started when it imported GPTQModel, and hands that writer out again from a cache; a forked child
+    has no such thread, so its first flush (GPTQModel.load's spinner) waited forever. The cache is
+    emptied so the child's first write starts a writer of its own."""
+    buffer = sys.modules.get("logbar.buffer")
+    if buffer is not None:
+        buffer._CACHED_WRAPPERS.clear()
 
 
 def _picklable(e: BaseException) -> BaseException:

@@ -47,6 +47,15 @@ class Plan:
     def reference_placement(self) -> Placement:
         return Placement(self.device, max_memory=self.max_memory)
 
+    def spare(self, stage: str) -> int:
+        """Bytes the stage may use beyond its planned peak on the device it computes on (none for
+        models spread or streamed: their weights are not in one place)."""
+        if self.max_memory is not None or self.stream is not None:
+            return 0
+        st = next(s for s in self.stages if s.name == stage)
+        device = "cuda" if self.device.type == "cuda" else "cpu"
+        return max(0, int(HEADROOM * self.available[device]) - st.peak(device))
+
     @property
     def disk_need(self) -> int:
         return sum(st.disk for st in self.stages)

@@ -8,6 +8,7 @@ times the scale stored in float16. GPTQ-vs-RTN therefore isolates what GPTQ's He
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -19,31 +20,32 @@ from qmerge.quant.gptq_weights import weight_of
 from qmerge.settings import GPTQSettings
 
 
-def quantizer(gptq: GPTQSettings):
-    """GPTQModel's Quantizer configured as its GPTQ processor configures it (per channel, no MSE search)."""
+@functools.cache
+def quantizer(bits: int, group_size: int, sym: bool):
+    """GPTQModel's Quantizer configured as its GPTQ processor configures it (per channel, no MSE
+    search): each row of what it is given is one group. Built once per grid (a QuantizeConfig is
+    not cheap to build)."""
     gptqmodel()
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.quantizer import Quantizer
 
-    q = Quantizer(QuantizeConfig(bits=gptq.bits, group_size=gptq.group_size, sym=gptq.sym, desc_act=gptq.desc_act, format="gptq"))
+    q = Quantizer(QuantizeConfig(bits=bits, group_size=group_size, sym=sym, format="gptq"))
     q.configure(perchannel=True)
     return q
 
 
 def levels_and_scales(weight: torch.Tensor, gptq: GPTQSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The (out, in) weight rounded group by group to the GPTQ grid: integer levels (q − zero)
-    and each group's scale as the checkpoint stores it (float16), shape (out, groups)."""
-    q = quantizer(gptq)
-    w = weight.detach().float()
-    step = w.shape[1] if gptq.group_size == -1 else gptq.group_size
-    levels = torch.empty(w.shape, dtype=torch.int8 if gptq.bits < 8 else torch.int16, device=w.device)  # 8-bit asymmetric levels reach ±255
-    scales = []
-    for start in range(0, w.shape[1], step):
-        group = w[:, start : start + step]
-        q.find_params(group, weight=True)
-        levels[:, start : start + step] = torch.round(q.quantize(group) / q.scale).to(torch.int8)  # integer q − zero, exactly
-        scales.append(q.scale.half().reshape(-1, 1))
-    return levels, torch.cat(scales, dim=1)
+    and each group's scale as the checkpoint stores it (float16), shape (out, groups). Every group
+    of every row at once, as rows of an (out·groups, group_size) matrix: the Quantizer's grid is
+    per row, so this is the same arithmetic as one group at a time, in one call per layer."""
+    q = quantizer(gptq.bits, gptq.group_size, gptq.sym)
+    out, columns = weight.shape
+    step = columns if gptq.group_size == -1 else gptq.group_size
+    rows = weight.detach().float().reshape(out * (columns // step), step)
+    q.find_params(rows, weight=True)
+    levels = torch.round(q.quantize(rows) / q.scale).to(torch.int8 if gptq.bits < 8 else torch.int16)  # integer q − zero, exactly; 8-bit asymmetric reaches ±255
+    return levels.reshape(out, columns), q.scale.half().reshape(out, columns // step)
 
 
 def fake_quantize(weight: torch.Tensor, gptq: GPTQSettings) -> torch.Tensor:

@@ -16,6 +16,7 @@ from qmerge.errors import QmergeError, VerifyError
 from qmerge.quant import structure
 from qmerge.quant.gptq_check import check_layers
 from qmerge.quant.gptq_float import load_float32
+from qmerge.settings import GPTQSettings
 
 CPU = torch.device("cpu")
 
@@ -64,7 +65,7 @@ def test_a_layer_that_is_not_its_merged_layer_is_refused(tiny_run, gptq_copy):
     save_file(tensors, path, metadata={"format": "pt"})
     layers = structure.of_checkpoint(tiny_run.out / "merged")
     with pytest.raises(VerifyError, match=f"{a} is not the merged layer quantized"):
-        check_layers(gptq_copy, tiny_run.out / "merged", layers, 4)
+        check_layers(gptq_copy, tiny_run.out / "merged", layers, GPTQSettings(bits=4, group_size=32))
 
 
 @pytest.mark.parametrize("key", ["model.layers.1.input_layernorm.weight", "model.layers.0.mlp.up_proj.scales"])

@@ -21,7 +21,6 @@ one of lowest KLD, and the run fails its budget (exit 3) with every output kept.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from qmerge.models.checkpoints import load_candidate
 from qmerge.quant import dynamic, sizes
 from qmerge.quant.gptq import quantize
 from qmerge.quant.gptq_float import load_float32
+from qmerge.report import files
 from qmerge.settings import GPTQSettings
 
 MAX_RUNS = 4  # GPTQ runs in all, the plain one included
@@ -137,7 +137,7 @@ def run(job: Job, reference: torch.nn.Module, out_dir: Path) -> dict:
         "distance": s.rows[chosen]["kld_mean"] - job.budget, "wall_s": round(time.perf_counter() - start, 2),
         "modules": dynamic.describe(s.rows[chosen]["dynamic"], s.base, sorted(job.shapes)),
     }
-    (out_dir / "search.json").write_text(json.dumps(record, indent=2))
+    (out_dir / "search.json").write_text(files.dumps(record, indent=2))  # strict JSON: an SE of one window is null
     return record
 
 

@@ -228,7 +228,7 @@ def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str,
         reference = load_reference(as_trained, p.mix, settings.nf4, plan.reference_placement(), p.trust_remote_code, settings.reference_kind)
         rows: dict[str, dict] = {}
         tokenizer = AutoTokenizer.from_pretrained(p.base_dir, trust_remote_code=p.trust_remote_code)
-        texts = samples.Samples(settings.data, p.evaluations[0].name, p.evaluations[0].windows, tokenizer, plan.spare("drift"))
+        texts = samples.Samples(settings.data, p.evaluations[0].name, p.evaluations[0].windows, tokenizer, plan.decode_budget)
         texts.add(candidates.REFERENCES[settings.reference_kind], reference)
 
         def builder(kind: str, name: str) -> Callable[[], torch.nn.Module]:

@@ -5,11 +5,11 @@ The drift stage holds every model compactly and makes each layer's float32 weigh
 weights upcast (a merged checkpoint). A scoring forward runs each layer once per batch, so that is
 cheap; greedy decoding runs every layer once per new token, and made the weights again at every step
 (233 s of a 527 s drift stage on the demo's profile). Inside `made_once` each such layer computes
-with a float32 weight made once, when the copies fit in `budget` bytes (the memory plan's spare room
-in the stage), and exactly as before otherwise. The products are those of the same weight, so the
-completions are bit-identical either way; a weight the layer would upcast a block of rows at a time
-(a vocabulary-sized head: models.float32) is left to do so, as its blocks' products could round
-otherwise.
+with a float32 weight made once, when the copies fit in `budget` bytes (room the memory plan adds to
+the drift stage when it fits: Plan.decode_budget), and exactly as before otherwise. The products are
+those of the same weight, so the completions are bit-identical either way; a weight the layer would
+upcast a block of rows at a time (a vocabulary-sized head: models.float32) is left to do so, as its
+blocks' products could round otherwise.
 """
 
 from __future__ import annotations

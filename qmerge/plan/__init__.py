@@ -39,6 +39,7 @@ class Plan:
     cache_budget: int  # bytes of reference cache held in memory (more goes to disk)
     device: torch.device
     max_memory: dict | None = None  # several GPUs: accelerate's max_memory for the reference and the candidates spread over them
+    decode_budget: int = 0  # bytes the completions may make weights in once (models.decoding): planned in the drift stage when they fit
 
     def placement(self, offload_dir: Path) -> Placement:
         """Where the candidates of verify and drift live."""
@@ -46,15 +47,6 @@ class Plan:
 
     def reference_placement(self) -> Placement:
         return Placement(self.device, max_memory=self.max_memory)
-
-    def spare(self, stage: str) -> int:
-        """Bytes the stage may use beyond its planned peak on the device it computes on (none for
-        models spread or streamed: their weights are not in one place)."""
-        if self.max_memory is not None or self.stream is not None:
-            return 0
-        st = next(s for s in self.stages if s.name == stage)
-        device = "cuda" if self.device.type == "cuda" else "cpu"
-        return max(0, int(HEADROOM * self.available[device]) - st.peak(device))
 
     @property
     def disk_need(self) -> int:
@@ -128,8 +120,20 @@ def make(settings, p, out: Path, forked_workers: bool) -> Plan:
         max_memory = {i: max(0, int(HEADROOM * available_bytes(f"cuda:{i}")) - work) for i in range(gpus)}
         if stream is not None:
             max_memory["cpu"] = int(HEADROOM * available["cpu"])
+    decode = _decode_budget(planned, shape, settings, available, cuda) if stream is None and max_memory is None else 0
     free = shutil.disk_usage(_existing(out)).free
-    return Plan(available, free, tuple(planned), batch, stream, cache[0], p.device, max_memory)
+    return Plan(available, free, tuple(planned), batch, stream, cache[0], p.device, max_memory, decode)
+
+
+def _decode_budget(planned: list[StagePlan], shape: Shape, settings, available: dict[str, int], cuda: bool) -> int:
+    """Room for the completions' weights made once, added to the drift stage's plan when it fits
+    there (0: the completions make them per token, as scoring does)."""
+    need, device = est.decode_weights(shape), "cuda" if cuda else "cpu"
+    drift = next(st for st in planned if st.name == "drift")
+    if settings.data.samples == 0 or drift.peak(device) + need > HEADROOM * available[device]:
+        return 0
+    drift.devices[device]["completions"] = need
+    return need
 
 
 def _spread(st: StagePlan, gpus: int) -> StagePlan:

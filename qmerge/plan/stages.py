@@ -139,6 +139,13 @@ def drift_stage(s: Shape, settings: RunSettings, base: int, batch: int, stream: 
     return StagePlan("drift", _on(cuda, base, parts, _host_copy(s, stream), in_memory), disk=on_disk, notes=notes)
 
 
+def decode_weights(s: Shape) -> int:
+    """The float32 weights a completed model's layers make once for decoding (models.decoding): its
+    linear layers, and a head small enough to be upcast whole."""
+    head = s.vocab * s.hidden
+    return 4 * (s.linear + (head if head <= UPCAST_ELEMENTS else 0))
+
+
 def _host_copy(s: Shape, stream: str | None) -> int:
     """On a GPU, a candidate streamed from host memory is held there in 16 bits."""
     return 2 * s.params if stream == "cpu" else 0

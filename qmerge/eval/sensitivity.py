@@ -22,12 +22,13 @@ from collections.abc import Callable
 import torch
 
 from qmerge.eval.metrics import chunk_stats
+from qmerge.quant.dynamic import FUSED
 
-FUSED_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+FUSED_GROUPS = {part: whole for whole, parts in FUSED.items() for part in parts}  # q_proj → qkv_proj: the servers' rule (quant.dynamic)
 
 
 def groups(modules: list[str]) -> dict[str, list[str]]:
-    """Module groups that share one setting, by name (`model.layers.3.qkv` → its q/k/v projections)."""
+    """Module groups that share one setting, by name (`model.layers.3.self_attn.qkv_proj` → its q/k/v projections)."""
     out: dict[str, list[str]] = {}
     for module in modules:
         prefix, _, leaf = module.rpartition(".")

@@ -25,7 +25,7 @@ from qmerge.settings import GPTQSettings
 FIELDS = {"bits": int, "group_size": int, "sym": bool, "desc_act": bool, "mse": float, "damp_percent": float, "act_group_aware": bool, "static_groups": bool}
 MARLIN_BITS = (4, 8)
 MARLIN_GROUPS = (-1, 32, 64, 128)
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # what vLLM/SGLang fuse into qkv_proj / gate_up_proj
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # what vLLM/SGLang fuse, under their fused names
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def violations(dynamic: dict | None, base: Setting, shapes: dict[str, tuple[int,
             why.append(f"{module}: asymmetric (Marlin takes sym only)")
         if s.group_size not in MARLIN_GROUPS:
             why.append(f"{module}: group size {s.group_size} (Marlin takes -1, 32, 64, 128)")
-    for members in FUSED:
+    for members in FUSED.values():
         for module in settings:
             prefix, _, leaf = module.rpartition(".")
             if leaf == members[0]:

@@ -38,6 +38,21 @@ def test_reference_once_is_bit_identical_to_recomputing_it(reference, tiny_base,
     assert list(tmp_path.iterdir()) == []  # the disk cache is gone afterwards
 
 
+
+def test_one_scoring_shared_by_trials_gives_each_its_fresh_evaluation(reference, tiny_base, tiny_run):
+    """The search's pattern: one Scoring (the reference run once), a candidate scored and its result
+    read before the next is built; each result is exactly a fresh `evaluate` of that candidate."""
+    windows = eval_windows(tiny_base)[:3]
+    builds = {"base": lambda: load_candidate(tiny_base, CPU), "merged": lambda: load_candidate(tiny_run.merged, CPU)}
+    with drift.Scoring(reference, [windows]) as scoring:
+        scoring.run_reference()
+        for name, build in builds.items():
+            scoring.score(name, build())
+            shared = scoring.results([name])[0]
+            fresh = drift.evaluate(reference, {name: build}, [windows], "float32", show_progress=False)[0]
+            assert shared["metrics"][name] == fresh["metrics"][name] and shared["layers"][name] == fresh["layers"][name], name
+
+
 def test_cache_bytes_and_where(reference, tiny_base, tmp_path):
     windows = eval_windows(tiny_base)
     config = reference.get_base_model().config

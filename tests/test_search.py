@@ -205,3 +205,52 @@ def test_choice_and_its_report_on_hand_made_rows():
     assert svg.count("<circle") == 4 + 4 and "(chosen)" in svg and "budget: mean KLD 0.05" in svg
     card = report_search.card(found)
     assert "`m.q_proj`: 8-bit g64" in card and "`m.o_proj`" not in card and "3 × 4-bit g64" in card
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2_moe"])
+def test_probe_replaying_earlier_layers_gives_the_drops_of_whole_forwards(family):
+    """The probe replays the layers before a group's own from the plain forward: every group's KLD
+    drop equals the one of a whole forward with that group's modules swapped (tolerance 1e-6 of
+    float32 summation order; no layer actually changes, so in practice they are equal)."""
+    import transformers as T
+    from families import FAMILIES
+    from qmerge.eval import sensitivity
+    from qmerge.eval.metrics import chunk_stats
+
+    import copy
+
+    config = FAMILIES[family][0]()
+    config.initializer_range = 0.2  # logits far from uniform, so the drops are not all ~0
+    torch.manual_seed(0)
+    floating = T.AutoModelForCausalLM.from_config(config).eval()
+    quantized = copy.deepcopy(floating)  # "quantized": every linear layer's weights perturbed
+    linears = [n for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for n in linears:
+            w = quantized.get_submodule(n).weight
+            w.add_(0.3 * w.std() * torch.randn_like(w))
+    reference = floating
+    members = sensitivity.groups(linears)
+    windows = torch.randint(0, config.vocab_size, (2, 17))
+    calls = []
+    hook = sensitivity.decoder_layers(quantized)[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    plain, gains = sensitivity.probe(reference, quantized, floating, windows, members)
+    hook.remove()
+    assert len(calls) == 1 + sum(".layers.0." in g for g in members)  # layer 0 computed only for the plain forward and its own groups
+
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        ref = reference(input_ids=inputs).logits
+
+        def kld(model):
+            return chunk_stats(ref, model(input_ids=inputs).logits, targets).kld.mean().item()
+
+        assert plain == pytest.approx(kld(quantized), abs=1e-6)
+        for group, modules in members.items():
+            swapped = {m: sensitivity._swap(quantized, m, floating.get_submodule(m)) for m in modules}
+            whole = plain - kld(quantized)
+            for m, module in swapped.items():
+                sensitivity._swap(quantized, m, module)
+            assert gains[group] == pytest.approx(whole, abs=1e-6), group
+    assert any(abs(g) > 1e-3 for g in gains.values())  # the models differ: the drops are not all zero
+    assert all("forward" not in layer.__dict__ for layer in sensitivity.decoder_layers(quantized))  # every layer's own forward put back

@@ -126,6 +126,48 @@ def cache_bytes(reference: torch.nn.Module, windows: Sequence[torch.Tensor]) -> 
     return sum(len(w) * (w.shape[1] - 1) for w in windows) * layers * hidden * 4
 
 
+class Scoring:
+    """The reference run once over the eval sets into its cache, then any number of candidates scored
+    against it, one at a time (`score`), each metric bit-identical to a fresh `evaluate`: the search
+    scores its trials with one Scoring, so the reference runs once per search, not once per trial."""
+
+    def __init__(self, reference: torch.nn.Module, windows: Sequence[torch.Tensor], batch_size: int = 1, scored_bytes: Sequence[int | None] | None = None,
+                 cache_budget: int = CACHE_BUDGET, cache_dir: Path | None = None) -> None:
+        self.reference, self.batch_size = reference, batch_size
+        self.tallies = [Tally(i, w, b) for i, (w, b) in enumerate(zip(windows, scored_bytes or [None] * len(windows)))]
+        self.batches = sum(-(-len(t.windows) // batch_size) for t in self.tallies)
+        self.ref = Taps(reference)
+        self.cache = ReferenceCache(cache_bytes(reference, windows), cache_budget, cache_dir)
+
+    @torch.inference_mode()
+    def run_reference(self, step: Callable[[int], None] = lambda _: None) -> None:
+        for tally in self.tallies:
+            for done, (key, ids) in enumerate(tally.batches(self.batch_size), 1):
+                tally.record_reference(self.ref, self.cache, key, ids)
+                step(done)
+
+    @torch.inference_mode()
+    def score(self, name: str, model: torch.nn.Module, step: Callable[[int], None] = lambda _: None) -> None:
+        """`model` on every batch of every eval set, against the cached reference."""
+        taps, done = Taps(model), 0
+        for tally in self.tallies:
+            for key, ids in tally.batches(self.batch_size):
+                tally.score(name, self.ref, taps, self.cache, key, ids)
+                trim()  # glibc keeps a batch's freed activations otherwise
+                done += 1
+                step(done)
+
+    def results(self, names: Sequence[str]) -> list[dict]:
+        """Per eval set, Tally.result of these models."""
+        return [t.result(list(names)) for t in self.tallies]
+
+    def __enter__(self) -> Scoring:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cache.close()
+
+
 @torch.inference_mode()
 def evaluate(
     reference: torch.nn.Module,
@@ -148,31 +190,16 @@ def evaluate(
     tokens, the L−1 next-token predictions from the window's own prefix (no context carried across
     windows); standard errors are clustered by window."""
     floor_dtype = torch_dtype(training_compute_dtype)
-    tallies = [Tally(i, w, b) for i, (w, b) in enumerate(zip(windows, scored_bytes or [None] * len(windows)))]
     names = [*candidates, *([NOISE_FLOOR] if floor_dtype != torch.float32 else [])]
-    batches = sum(-(-len(t.windows) // batch_size) for t in tallies)
-    ref = Taps(reference)
-    with ReferenceCache(cache_bytes(reference, windows), cache_budget, cache_dir) as cache, _reporter(progress, show_progress, (1 + len(names)) * batches) as step:
-        for tally in tallies:
-            for done, (key, ids) in enumerate(tally.batches(batch_size), 1):
-                tally.record_reference(ref, cache, key, ids)
-                step(REFERENCE, done, batches)
+    with Scoring(reference, windows, batch_size, scored_bytes, cache_budget, cache_dir) as scoring, \
+            _reporter(progress, show_progress, (1 + len(names)) * scoring.batches) as step:
+        scoring.run_reference(lambda done: step(REFERENCE, done, scoring.batches))
         for name in names:
             with _model(name, candidates, reference, floor_dtype) as model:
-                _score(name, Taps(model), ref, tallies, cache, batch_size, lambda done: step(name, done, batches))
+                scoring.score(name, model, lambda done: step(name, done, scoring.batches))
             del model
             release()  # the candidate's weights go before the next one is built
-    return [t.result(names) for t in tallies]
-
-
-def _score(name: str, taps: Taps, ref: Taps, tallies: list[Tally], cache: ReferenceCache, batch_size: int, step: Callable[[int], None]) -> None:
-    done = 0
-    for tally in tallies:
-        for key, ids in tally.batches(batch_size):
-            tally.score(name, ref, taps, cache, key, ids)
-            trim()  # glibc keeps a batch's freed activations otherwise
-            done += 1
-            step(done)
+        return scoring.results(names)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from qmerge.eval import sensitivity
-from qmerge.eval.drift import evaluate
+from qmerge.eval.drift import Scoring
+from qmerge.io.memory import release
 from qmerge.models.checkpoints import load_candidate
 from qmerge.quant import dynamic, sizes
 from qmerge.quant.gptq import quantize
@@ -61,9 +62,10 @@ class Job:
 
 
 class Search:
-    def __init__(self, job: Job, reference: torch.nn.Module, scratch: Path) -> None:
-        """`scratch`: where the trials' checkpoints are written, on the disk of the output."""
-        self.job, self.reference, self.scratch = job, reference, scratch
+    def __init__(self, job: Job, reference: torch.nn.Module, scoring: Scoring, scratch: Path) -> None:
+        """`scoring`: the reference's pass over the eval set, run once and shared by every trial;
+        `scratch`: where the trials' checkpoints are written, on the disk of the output."""
+        self.job, self.reference, self.scoring, self.scratch = job, reference, scoring, scratch
         self.base = dynamic.base_setting(job.gptq)
         self.promoted = replace(self.base, bits=8)
         self.rows: list[dict] = []
@@ -79,8 +81,11 @@ class Search:
         start = time.perf_counter()
         quantize(job.merged, path, job.calibration, job.gptq, job.device, job.verbose, job.trust_remote_code, dynamic=dyn, mse=mse)
         gptq_s = time.perf_counter() - start
-        metrics = evaluate(self.reference, {name: lambda: load_float32(path, job.device, job.trust_remote_code)}, [job.windows], "float32",
-                           batch_size=job.batch_size, show_progress=False)[0]["metrics"][name]
+        model = load_float32(path, job.device, job.trust_remote_code)
+        self.scoring.score(name, model)
+        del model
+        release()
+        metrics = self.scoring.results([name])[0]["metrics"][name]
         size, bpw = sizes.summary(sizes.checkpoint_layout(path), job.shapes)
         row = {
             "name": name, "size_bytes": size, "bits_per_weight": bpw, "kld_mean": metrics["kld_mean"], "kld_mean_se": metrics["kld_mean_se"],
@@ -118,15 +123,17 @@ def run(job: Job, reference: torch.nn.Module, out_dir: Path) -> dict:
     """Search, writing the trials under `out_dir`, then leave the chosen checkpoint in `out_dir` with
     the search's record in its search.json (report.json's `search`); returns the record."""
     trials = out_dir / "trials"
-    s = Search(job, reference, trials)
     start = time.perf_counter()
-    plain = s.measure(f"plain {s.base.label()}")
-    ranking = None
-    if not plain["ok"]:
-        order, members, gains, probe_plain = s.rank()
-        ranking = [{"group": g, "kld_drop": gains[g], "extra_bytes": s.extra_bytes(members[g])} for g in order]
-        mse = _free_lever(s, job, plain)
-        _allocate(s, job, order, members, gains, probe_plain, mse)
+    with Scoring(reference, [job.windows], job.batch_size, cache_dir=trials) as scoring:
+        scoring.run_reference()
+        s = Search(job, reference, scoring, trials)
+        plain = s.measure(f"plain {s.base.label()}")
+        ranking = None
+        if not plain["ok"]:
+            order, members, gains, probe_plain = s.rank()
+            ranking = [{"group": g, "kld_drop": gains[g], "extra_bytes": s.extra_bytes(members[g])} for g in order]
+            mse = _free_lever(s, job, plain)
+            _allocate(s, job, order, members, gains, probe_plain, mse)
     chosen = choose(s.rows)
     s.rows[chosen]["chosen"] = True
     for item in s.dirs[chosen].iterdir():

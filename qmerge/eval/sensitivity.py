@@ -9,7 +9,9 @@ Why not GPTQ's own per-module losses: they are output errors of one layer in its
 (down_proj's are orders larger than k_proj's) and say nothing about the logits; why not the report's
 per-layer hidden-state drift: it is per layer, not per module, and accumulates all earlier layers.
 The cost is one forward of a few windows per group, with no GPTQ run; calibration windows (not the
-eval set the budget is judged on) so the choice is not fitted to the numbers that judge it.
+eval set the budget is judged on) so the choice is not fitted to the numbers that judge it. A group
+in decoder layer l leaves layers 0…l−1 as they were, so those replay their outputs from the plain
+forward instead of computing them again: the same logits, at about half the forwards' cost.
 
 Groups are what a server must treat alike: q/k/v of one layer (vLLM and SGLang fuse them), gate/up
 (fused too), and every other linear module on its own.
@@ -19,9 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from qmerge.eval.metrics import chunk_stats
+from qmerge.models.taps import decoder_layers
 from qmerge.quant.dynamic import FUSED
 
 FUSED_GROUPS = {part: whole for whole, parts in FUSED.items() for part in parts}  # q_proj → qkv_proj: the servers' rule (quant.dynamic)
@@ -42,20 +48,43 @@ def probe(reference: torch.nn.Module, quantized: torch.nn.Module, floating: torc
     """(mean KLD of `quantized` on `windows`, per group the KLD drop when its modules take their
     weights from `floating`)."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
-    ref_logits = reference(input_ids=inputs).logits
+    ref_logits = reference(input_ids=inputs, use_cache=False).logits
 
     def kld() -> float:
-        return chunk_stats(ref_logits, quantized(input_ids=inputs).logits, targets).kld.mean().item()  # a few short windows: their logits whole
+        logits = quantized(input_ids=inputs, use_cache=False).logits
+        return chunk_stats(ref_logits, logits, targets).kld.mean().item()  # a few short windows: their logits whole
 
-    plain = kld()
+    layers = decoder_layers(quantized)
+    outputs: list = []
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for layer in layers]
+    try:
+        plain = kld()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    index = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
     gains = {}
     for i, (group, modules) in enumerate(members.items()):
+        first = min(index.get(id(quantized.get_submodule(m)), 0) for m in modules)  # outside every layer: replay none
         saved = {m: _swap(quantized, m, floating.get_submodule(m)) for m in modules}
-        gains[group] = plain - kld()
+        with _replayed(layers[:first], outputs):
+            gains[group] = plain - kld()
         for m, module in saved.items():
             _swap(quantized, m, module)
         progress(f"sensitivity {i + 1}/{len(members)}")
     return plain, gains
+
+
+@contextlib.contextmanager
+def _replayed(layers: list[torch.nn.Module], outputs: list) -> Iterator[None]:
+    """While the block runs, each of `layers` returns its recorded output instead of computing it."""
+    for layer, out in zip(layers, outputs):
+        layer.forward = lambda *_a, _out=out, **_k: _out
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def _swap(model: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from qmerge.eval.drift import evaluate
 from qmerge.eval.verify import SEQ_LEN, SEQUENCES, raise_if_failed, verify
 from qmerge.io import text
 from qmerge.io.atomic import PARTIAL
-from qmerge.io.manifests import MANIFESTS, StageCommitter
+from qmerge.io.manifests import MANIFESTS, StageCommitter, key_of
 from qmerge.io.memory import release
 from qmerge.merge.nf4base import write_nf4_base
 from qmerge.merge.streaming import merge
@@ -200,6 +200,7 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
     the memory plan and the as-trained base), the checkpoint the drift-budget search chose, and its
     trials in DIR/gptq/search.json."""
     gptq = settings.gptq
+    parts = dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **common)
 
     def build(tmp: Path) -> dict:
         if search_in is None:
@@ -207,12 +208,23 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
             return {}
         plan, as_trained = search_in
         reference = load_reference(as_trained, p.mix, settings.nf4, plan.reference_placement(), p.trust_remote_code, settings.reference_kind)
-        job = search.Job(out / source, p.calibration, p.evaluations[0].windows, gptq, p.linears, p.device, settings.max_kld, plan.eval_batch, verbose, p.trust_remote_code, echo)
+        job = search.Job(out / source, p.calibration, p.evaluations[0].windows, gptq, p.linears, p.device, settings.max_kld, plan.eval_batch, verbose,
+                         p.trust_remote_code, echo, plain=_committed_plain(out, name, source, parts))
         search.run(job, reference, tmp)
         return {}
 
     search_key = dict(search=settings.max_kld, evals=text.stream_sha256(p.evaluations[0].windows)) if search_in else {}
-    return Stage(name, dict(gptq=asdict(gptq), calibration=calibration, seed=settings.seed, **search_key, **common), build, after=(source,))
+    return Stage(name, {**parts, **search_key}, build, after=(source,))
+
+
+def _committed_plain(out: Path, name: str, source: str, parts: dict) -> list[Path] | None:
+    """The files of DIR/`name` when it holds what a plain run's stage of these `parts` made from this
+    run's `source` stage (a plain run before the search, in the same DIR): the search's first trial, reused."""
+    committer = StageCommitter(out)
+    source_key = committer.key(source)
+    if source_key is None or committer.reusable(name, key_of(**parts, **{f"{source}_stage": source_key})) is None:
+        return None
+    return [out / name / rel for rel in committer.listed(name)]
 
 
 def drift_stage(settings: RunSettings, p: Prepared, out: Path, kinds: tuple[str, ...], after: list[str], common: dict, echo: bool, plan: Plan, as_trained: Path) -> Stage:

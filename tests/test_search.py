@@ -135,8 +135,10 @@ def test_search_needs_a_budget(tiny_base, tiny_adapter, tmp_path, cli):
     assert not (tmp_path / "o").exists()
 
 
-def _search(tiny_base, tiny_adapter, out, budget: float, cli, *extra):
-    args = ["run", "--base", tiny_base, "--adapter", tiny_adapter, "--out", out, "--max-kld", budget, "--search", "--target", "vllm",
+def _search(tiny_base, tiny_adapter, out, budget: float | None, cli, *extra):
+    """`qmerge run --max-kld budget --search` on the tiny model (budget None: the same run, plain)."""
+    search = ["--max-kld", budget, "--search"] if budget is not None else []
+    args = ["run", "--base", tiny_base, "--adapter", tiny_adapter, "--out", out, *search, "--target", "vllm",
             "--candidates", "merged,gptq", "--samples", "0", "--quiet", *extra]
     for key, value in SMALL_RUN.items():
         args += [f"--{key.replace('_', '-')}", value]
@@ -169,10 +171,16 @@ def test_search_halves_the_plain_kld_with_a_servable_checkpoint(tiny_run, tiny_b
 
 @pytest.mark.slow
 def test_an_impossible_budget_exits_3_with_the_best_found_and_keeps_the_outputs(tiny_base, tiny_adapter, tmp_path, cli):
-    result = _search(tiny_base, tiny_adapter, tmp_path / "o", 1e-9, cli)
+    """After a plain run in the same DIR (--resume), the search takes that run's GPTQ stage as its
+    plain trial instead of quantizing again: same checkpoint bytes, same KLD."""
+    assert _search(tiny_base, tiny_adapter, tmp_path / "o", None, cli).returncode == 0
+    plain = json.loads((tmp_path / "o" / "report.json").read_text())
+    result = _search(tiny_base, tiny_adapter, tmp_path / "o", 1e-9, cli, "--resume")
     line = one_line_error(result, 3, "max_kld", "search:", "best of", "misses the budget")
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     search = rep["search"]
+    assert search["rows"][0]["reused"] and not any(r["reused"] for r in search["rows"][1:])
+    assert search["rows"][0]["kld_mean"] == pytest.approx(plain["evaluations"][0]["metrics"][plain["final"]]["kld_mean"], rel=1e-6)
     best = min(r["kld_mean"] for r in search["rows"])
     assert not search["met"] and search["rows"][search["chosen"]]["kld_mean"] == best and search["distance"] == pytest.approx(best - 1e-9)
     assert f"{search['distance']:+.3g}" in line

@@ -4,11 +4,12 @@ server loads.
 
 Levers, all GPTQModel's own: per-module precision through its `dynamic` overrides (groups of modules
 promoted to 8 bits at the run's group size, servable by Marlin; q/k/v and gate/up move together) and
-its algorithm options (MSE clipping of the quantization grid: free in bytes). The order:
+one of its algorithm options, GPTAQ (free in bytes). The order:
 
-1. plain GPTQ at the run's settings, measured (it may already meet the budget);
+1. plain GPTQ at the run's settings, measured (it may already meet the budget); when a plain run of
+   the same settings already wrote DIR/gptq (`--resume`), that checkpoint is the first trial;
 2. the sensitivity probe (qmerge.eval.sensitivity) ranks the groups by KLD drop per extra byte;
-3. plain + MSE clipping, measured: kept for what follows when it lowers the KLD;
+3. plain + GPTAQ, measured: kept for what follows when it lowers the KLD;
 4. promote the first k ranked groups, k predicted from the probe's gains scaled to the eval set, then
    measured; the scale is re-fitted on each measurement and k bracketed (largest k known to miss,
    smallest known to meet) until the runs are spent or the bracket closes.
@@ -17,6 +18,11 @@ Every tried configuration is a row (size, bits/weight, KLD ± SE on the first ev
 every GPTQ row is: its stored weights at the bits its `dynamic` gives each module, in float32
 (qmerge.quant.gptq_float). The chosen one is the smallest that meets the budget; when none does, the
 one of lowest KLD, and the run fails its budget (exit 3) with every output kept.
+
+Why GPTAQ and not GPTQModel's other algorithm options: measured on the demo (BENCHMARKS.md, plain
+4-bit g64 KLD 0.0896 in 83 s), GPTAQ gave 0.925 × that KLD in 1.34 × the time, MSE clipping 0.875 ×
+in 2.3 ×, act-order 0.95 × in 1.23 ×, FOEM 1.4 × (worse). The search runs up to three such GPTQ runs,
+and its whole wall time is meant to stay within 4 plain runs: MSE clipping alone would break that.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from qmerge.report import files
 from qmerge.settings import GPTQSettings
 
 MAX_RUNS = 4  # GPTQ runs in all, the plain one included
-MSE = 2.4  # GPTQModel's MSE clipping norm (the value of GPTQ's reference implementation)
+GPTAQ = 0.25  # GPTAQ's alpha, the value GPTQModel recommends
 MARGIN = 0.9  # aim below the budget: the probe's additive prediction is approximate
 PROBE_WINDOWS, PROBE_LEN = 2, 128  # 256 tokens a forward: 120 groups of SmolLM2-135M probed in about as long as one GPTQ run on 2 CPU cores
 
@@ -59,6 +65,7 @@ class Job:
     verbose: bool = False
     trust_remote_code: bool = False
     echo: bool = True
+    plain: list[Path] | None = None  # the files of a checkpoint of the run's plain settings already made (a plain run's stage, same DIR): the first trial
 
 
 class Search:
@@ -71,15 +78,21 @@ class Search:
         self.rows: list[dict] = []
         self.dirs: list[Path] = []
 
-    def measure(self, name: str, promoted: tuple[str, ...] = (), mse: float = 0.0, members: dict | None = None) -> dict:
-        """Quantize with these groups at 8 bits and this MSE norm, score it on the eval set, add its row."""
+    def measure(self, name: str, promoted: tuple[str, ...] = (), gptaq: float = 0.0, members: dict | None = None) -> dict:
+        """Quantize with these groups at 8 bits and this GPTAQ alpha, score it on the eval set, add its row."""
         job = self.job
         modules = [m for g in promoted for m in (members or {})[g]]
         dyn = dynamic.write({m: self.promoted for m in modules}, self.base)
         dynamic.check(dyn, job.gptq, job.shapes)
         path = self.scratch / f"trial-{len(self.rows)}"
         start = time.perf_counter()
-        quantize(job.merged, path, job.calibration, job.gptq, job.device, job.verbose, job.trust_remote_code, dynamic=dyn, mse=mse)
+        reused = job.plain is not None and not dyn and not gptaq
+        if reused:
+            path.mkdir(parents=True)
+            for f in job.plain:
+                shutil.copy2(f, path / f.name)  # a GPTQ checkpoint is one flat directory
+        else:
+            quantize(job.merged, path, job.calibration, job.gptq, job.device, job.verbose, job.trust_remote_code, dynamic=dyn, gptaq=gptaq)
         gptq_s = time.perf_counter() - start
         model = load_float32(path, job.device, job.trust_remote_code)
         self.scoring.score(name, model)
@@ -89,8 +102,8 @@ class Search:
         size, bpw = sizes.summary(sizes.checkpoint_layout(path), job.shapes)
         row = {
             "name": name, "size_bytes": size, "bits_per_weight": bpw, "kld_mean": metrics["kld_mean"], "kld_mean_se": metrics["kld_mean_se"],
-            "ppl_ratio": metrics["ppl_ratio"], "ok": metrics["kld_mean"] <= job.budget, "mse": mse, "promoted_groups": list(promoted),
-            "modules_8bit": len(modules), "dynamic": dyn, "gptq_s": round(gptq_s, 2), "wall_s": round(time.perf_counter() - start, 2),
+            "ppl_ratio": metrics["ppl_ratio"], "ok": metrics["kld_mean"] <= job.budget, "gptaq": gptaq, "promoted_groups": list(promoted),
+            "modules_8bit": len(modules), "dynamic": dyn, "gptq_s": round(gptq_s, 2), "reused": reused, "wall_s": round(time.perf_counter() - start, 2),
         }
         self.rows.append(row)
         self.dirs.append(path)
@@ -132,8 +145,8 @@ def run(job: Job, reference: torch.nn.Module, out_dir: Path) -> dict:
         if not plain["ok"]:
             order, members, gains, probe_plain = s.rank()
             ranking = [{"group": g, "kld_drop": gains[g], "extra_bytes": s.extra_bytes(members[g])} for g in order]
-            mse = _free_lever(s, job, plain)
-            _allocate(s, job, order, members, gains, probe_plain, mse)
+            gptaq = _free_lever(s, plain)
+            _allocate(s, job, order, members, gains, probe_plain, gptaq)
     chosen = choose(s.rows)
     s.rows[chosen]["chosen"] = True
     for item in s.dirs[chosen].iterdir():
@@ -148,15 +161,15 @@ def run(job: Job, reference: torch.nn.Module, out_dir: Path) -> dict:
     return record
 
 
-def _free_lever(s: Search, job: Job, plain: dict) -> float:
-    """MSE clipping at the plain allocation: kept (returned) when it lowers the KLD."""
-    row = s.measure(f"plain {s.base.label()} + mse {MSE}", mse=MSE)
-    return MSE if row["kld_mean"] < plain["kld_mean"] else 0.0
+def _free_lever(s: Search, plain: dict) -> float:
+    """GPTAQ at the plain allocation: kept (its alpha returned) when it lowers the KLD."""
+    row = s.measure(f"plain {s.base.label()} + GPTAQ", gptaq=GPTAQ)
+    return GPTAQ if row["kld_mean"] < plain["kld_mean"] else 0.0
 
 
-def _allocate(s: Search, job: Job, order: list[str], members: dict, gains: dict, probe_plain: float, mse: float) -> None:
+def _allocate(s: Search, job: Job, order: list[str], members: dict, gains: dict, probe_plain: float, gptaq: float) -> None:
     """Promote the first k ranked groups, k bracketed between the largest known to miss and the smallest known to meet."""
-    start = min(r["kld_mean"] for r in s.rows if not r["promoted_groups"] and r["mse"] == mse)
+    start = min(r["kld_mean"] for r in s.rows if not r["promoted_groups"] and r["gptaq"] == gptaq)
     cumulative = [0.0]
     for g in order:
         cumulative.append(cumulative[-1] + max(gains[g], 0.0))
@@ -168,7 +181,7 @@ def _allocate(s: Search, job: Job, order: list[str], members: dict, gains: dict,
             k = min(k, hi - 1)
         if k <= lo or (hi is not None and k >= hi):
             break
-        row = s.measure(f"{k}/{len(order)} groups 8-bit" + (f" + mse {mse}" if mse else ""), tuple(order[:k]), mse, members)
+        row = s.measure(f"{k}/{len(order)} groups 8-bit" + (" + GPTAQ" if gptaq else ""), tuple(order[:k]), gptaq, members)
         if cumulative[k] > 0:
             scale = max((start - row["kld_mean"]) / cumulative[k], 1e-12)
         if row["ok"]:

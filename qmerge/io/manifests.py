@@ -67,6 +67,21 @@ class StageCommitter:
     def manifest_path(self, name: str) -> Path:
         return self.root / MANIFESTS / f"{name}.json"
 
+    def key(self, name: str) -> str | None:
+        """The key `name` was last committed with (None: never, or its manifest is unreadable)."""
+        return self._manifest(name).get("key")
+
+    def listed(self, name: str) -> list[str]:
+        """The files the stage `name` made, relative to its directory (files written into it later,
+        such as the GPTQ model card, are not among them)."""
+        return list(self._manifest(name).get("files", {}))
+
+    def _manifest(self, name: str) -> dict:
+        try:
+            return json.loads(self.manifest_path(name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
     def reusable(self, name: str, key: str, verify: bool = False) -> dict | None:
         """The stage's recorded info when `name` was finished with this key and every file it listed
         is unchanged (by size and modification time; with `verify`, by its bytes hashed again);

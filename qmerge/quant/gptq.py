@@ -31,14 +31,15 @@ LOG_NAME = "quantize.log"
 
 def quantize(
     merged_dir: Path, out_dir: Path, calibration: torch.Tensor, gptq: GPTQSettings, device: torch.device, verbose: bool = False, trust_remote_code: bool = False,
-    dynamic: dict | None = None, mse: float = 0.0,
+    dynamic: dict | None = None, gptaq: float = 0.0,
 ) -> list[dict]:
     """Quantize `merged_dir` into `out_dir`, in the layout of the model it came from, checked as
     qmerge.quant.gptq_check says before it is handed over; returns the quantizer's per-module log
     (layer, module, loss, samples, damp, time), which is also kept as quant_log.csv. `dynamic`:
     GPTQModel's per-module overrides (checked by qmerge.quant.dynamic; such a checkpoint is checked
-    in GPTQModel's loader, as transformers' ignores them); `mse`: its MSE clipping norm (0: off,
-    GPTQ's plain min/max grid)."""
+    in GPTQModel's loader, as transformers' ignores them); `gptaq`: GPTAQ's alpha (0: off, plain
+    GPTQ), which makes each layer's update also correct the error that the layers quantized before it
+    left in its inputs: free in bytes, the checkpoint is plain GPTQ v1."""
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = structure.of_checkpoint(merged_dir, trust_remote_code)
@@ -51,7 +52,7 @@ def quantize(
         engine = gptqmodel()
         config = engine.QuantizeConfig(
             bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq",
-            dynamic=dynamic or None, mse=mse, offload_to_disk_path=str(scratch / "offload"),
+            dynamic=dynamic or None, gptaq={"alpha": gptaq, "device": str(device)} if gptaq else None, offload_to_disk_path=str(scratch / "offload"),
         )
         emulate = device.type == "cpu" and not native(torch.bfloat16, device)
         compute = {"dtype": torch.float32} if emulate else {}  # GPTQModel's CPU default is bf16

@@ -76,3 +76,18 @@ def test_a_checkpoint_missing_a_tensor_is_refused_by_name(gptq_copy, key):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(QmergeError, match=f"lacks tensor {key}"):
         load_float32(gptq_copy, CPU)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_whole_word_unpacking_equals_the_general_path(bits):
+    """2/4/8-bit codes fill int32 words and come out by shifts in int32; they equal the general
+    (straddling) path's, sign bit set included, for a count that ends inside a word."""
+    from qmerge.quant import gptq_weights
+
+    packed = torch.randint(-2**31, 2**31 - 1, (6, 5), dtype=torch.int32)
+    count = 6 * 32 // bits - 1
+    fast = gptq_weights.unpack(packed, bits, count)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    start = torch.arange(count) * bits
+    general = (words[start // 32] >> (start % 32)[:, None]) & ((1 << bits) - 1)
+    assert torch.equal(fast.long(), general)

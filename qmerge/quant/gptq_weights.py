@@ -17,7 +17,16 @@ SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """The first `count` codes of `bits` bits packed along dim 0 of an int32 tensor, as int64 (count, cols)."""
+    """The first `count` codes of `bits` bits packed along dim 0 of an int32 tensor, (count, cols).
+
+    2, 4 and 8 bits fill whole words: each word's codes come out by one shift per position, in int32
+    (whatever an arithmetic shift brings in above a code is masked off). 3 bits straddle words: the
+    general path reads each code from the pair of words it may span, in int64 (several times slower;
+    the check and every load of a 4-bit checkpoint take the first path)."""
+    if 32 % bits == 0:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)  # (words, codes per word, cols)
+        return codes.reshape(-1, packed.shape[1])[:count]
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.cat([words, torch.zeros_like(words[:1])])  # a code may end in the word after
     start = torch.arange(count, device=packed.device) * bits
@@ -55,4 +64,5 @@ def stored_levels(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Te
 
 def layer_tensors(checkpoint, name: str) -> dict[str, torch.Tensor]:
     """One quantized layer's tensors from a LazyCheckpoint of a GPTQ checkpoint."""
-    return {s: checkpoint.get(f"{name}.{s}") for s in SUFFIXES}
+    tensors = checkpoint.get_many([f"{name}.{s}" for s in SUFFIXES])
+    return {s: tensors[f"{name}.{s}"] for s in SUFFIXES}

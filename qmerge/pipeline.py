@@ -208,8 +208,8 @@ def gptq_stage(name: str, source: str, p: Prepared, out: Path, settings: RunSett
             return {}
         plan, as_trained = search_in
         reference = load_reference(as_trained, p.mix, settings.nf4, plan.reference_placement(), p.trust_remote_code, settings.reference_kind)
-        job = search.Job(out / source, p.calibration, p.evaluations[0].windows, gptq, p.linears, p.device, settings.max_kld, plan.eval_batch, verbose,
-                         p.trust_remote_code, echo, plain=_committed_plain(out, name, source, parts))
+        job = search.Job(out / source, p.calibration, p.evaluations[0].windows, gptq, p.linears, p.device, settings.max_kld, plan.eval_batch,
+                         plan.cache_budget, verbose, p.trust_remote_code, echo, plain=_committed_plain(out, name, source, parts))
         search.run(job, reference, tmp)
         return {}
 

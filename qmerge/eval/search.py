@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from qmerge.eval import sensitivity
-from qmerge.eval.drift import Scoring
+from qmerge.eval.drift import CACHE_BUDGET, Scoring
 from qmerge.io.memory import release
 from qmerge.models.checkpoints import load_candidate
 from qmerge.quant import dynamic, sizes
@@ -44,7 +44,7 @@ from qmerge.quant.gptq_float import load_float32
 from qmerge.report import files
 from qmerge.settings import GPTQSettings
 
-MAX_RUNS = 4  # GPTQ runs in all, the plain one included
+MAX_RUNS = 4  # trials in all (GPTQ runs, but for a plain one reused), the plain one included
 GPTAQ = 0.25  # GPTAQ's alpha, the value GPTQModel recommends
 MARGIN = 0.9  # aim below the budget: the probe's additive prediction is approximate
 PROBE_WINDOWS, PROBE_LEN = 2, 128  # 256 tokens a forward: 120 groups of SmolLM2-135M probed in about as long as one GPTQ run on 2 CPU cores
@@ -62,6 +62,7 @@ class Job:
     device: torch.device
     budget: float
     batch_size: int = 1
+    cache_budget: int = CACHE_BUDGET  # bytes of reference cache held in memory (the memory plan's); more goes to disk under the trials
     verbose: bool = False
     trust_remote_code: bool = False
     echo: bool = True
@@ -137,7 +138,7 @@ def run(job: Job, reference: torch.nn.Module, out_dir: Path) -> dict:
     the search's record in its search.json (report.json's `search`); returns the record."""
     trials = out_dir / "trials"
     start = time.perf_counter()
-    with Scoring(reference, [job.windows], job.batch_size, cache_dir=trials) as scoring:
+    with Scoring(reference, [job.windows], job.batch_size, cache_budget=job.cache_budget, cache_dir=trials) as scoring:
         scoring.run_reference()
         s = Search(job, reference, scoring, trials)
         plain = s.measure(f"plain {s.base.label()}")

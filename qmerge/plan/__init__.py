@@ -149,7 +149,7 @@ def _stages(settings, shape: Shape, base: int, batch: int, stream: str | None, c
     out = [est.nf4_stage(shape, settings, base, cuda)] if settings.reference_kind == "qlora" and not prequantized else []
     out.append(est.merged_stage("merged", shape, settings, base, stream, cuda))
     if "gptq" in kinds:
-        out.append(est.gptq_stage("gptq", shape, settings, base, cuda))
+        out.append(est.gptq_stage("gptq", shape, settings, base, cuda, cache[0]))
     if "gptq-original" in kinds:
         out += [est.merged_stage("merged-original", shape, settings, base, stream, cuda), est.gptq_stage("gptq-original", shape, settings, base, cuda)]
     out.append(est.drift_stage(shape, settings, base, batch, stream, cache, cuda))

@@ -107,9 +107,10 @@ def merged_stage(name: str, s: Shape, settings: RunSettings, base: int, stream: 
     return StagePlan(name, _on(cuda, base, parts, _host_copy(s, stream)), disk=written, notes=[f"DIR/merged {'streamed' if streamed else 'resident'} for verify"])
 
 
-def gptq_stage(name: str, s: Shape, settings: RunSettings, base: int, cuda: bool) -> StagePlan:
+def gptq_stage(name: str, s: Shape, settings: RunSettings, base: int, cuda: bool, cache_in_memory: int = 0) -> StagePlan:
     """GPTQModel: the model in 16 bits on the host, one layer, its Hessians and the calibration
-    activations where it computes."""
+    activations where it computes; with --search, also the reference, two candidates and the
+    reference cache's bytes held in memory (`cache_in_memory`, on the host) for the whole search."""
     d = settings.data
     calibration = d.calibration_samples * d.seq_len * s.hidden * 4 * 2
     hessians = 4 * max(s.hidden, s.intermediate) ** 2 + 3 * 4 * s.hidden**2
@@ -122,6 +123,8 @@ def gptq_stage(name: str, s: Shape, settings: RunSettings, base: int, cuda: bool
     if settings.search and name == "gptq":  # eval.search: the reference held throughout; its probe adds a GPTQ trial and the float merge
         reference = reference_bytes(s, settings, cuda)
         devices["cuda" if cuda else "cpu"]["search"] = reference + candidate_bytes("gptq", s, False, settings, reference, cuda) + sixteen_bit(s, False)
+        if cache_in_memory:
+            devices["cpu"]["cache"] = cache_in_memory
         # on disk: every trial's checkpoint until the choice, and GPTQModel's offload
         return StagePlan(name, devices, disk=(MAX_RUNS + 1) * size, notes=["drift-budget search: the reference and two candidates"])
     return StagePlan(name, devices, disk=2 * size)  # the checkpoint, and GPTQModel's offload while it works

@@ -131,6 +131,7 @@ def qmerge(a: dict, work: Path, candidates: str = "merged,gptq") -> dict:
         *benchlib.python(), "-m", "qmerge.cli", "run", "--base", a["base"], "--adapter", a["adapter"], "--out", str(out), "--device", a["device"],
         "--calibration", "stdlib", "--calibration-samples", str(a["calibration_samples"]), "--eval", "stdlib", "--eval-samples", str(a["eval_samples"]),
         "--seq-len", str(a["seq_len"]), "--group-size", str(a["group_size"]), *(["--candidates", candidates] if candidates else []),
+        *(["--samples", str(a["samples"])] if a["samples"] is not None else []),
     ]
     m = benchlib.run_child(argv)
     stages = json.loads((out / "report.json").read_text())["stages"]
@@ -200,6 +201,7 @@ def main() -> None:
     ap.add_argument("--random", metavar="LxHxI", help="a random-weight Llama of L layers, hidden H, intermediate I instead of the demo")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qmerge-bench-pipeline"))
     ap.add_argument("--all-candidates", action="store_true", help="also run qmerge with every default candidate in each repetition")
+    ap.add_argument("--samples", type=int, help="qmerge's --samples (side-by-side completions; 0: none, the usual workflow's work); default: qmerge's default")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -209,7 +211,7 @@ def main() -> None:
     if args.random:
         base, adapter, inputs = _random_inputs(args.random, base, args.work)
     a = dict(base=str(base), adapter=str(adapter), device=args.device, seq_len=args.seq_len, group_size=args.group_size,
-             calibration_samples=args.calibration_samples, eval_samples=args.eval_samples)
+             calibration_samples=args.calibration_samples, eval_samples=args.eval_samples, samples=args.samples)
     results: dict = {usual: [], qmerge: [], qmerge_all: []}
     workflows = [usual, qmerge, *([qmerge_all] if args.all_candidates else [])]
     with benchlib.LoadSampler() as load:
@@ -220,11 +222,12 @@ def main() -> None:
                 print(f"rep {rep} {workflow.__name__}: {_brief(result)}", flush=True)
     usuals, qmerges = results[usual], results[qmerge]
     shutil.rmtree(args.work, ignore_errors=True)
-    tag = f"{args.device}-random-{args.random}" if args.random else args.device
+    tag = (f"{args.device}-random-{args.random}" if args.random else args.device) + (f"-samples{args.samples}" if args.samples is not None else "")
+    completions = "qmerge's default side-by-side completions" if args.samples is None else f"qmerge with --samples {args.samples}"
     text = (
-        f"Machine: {benchlib.machine()}. {load.summary()}; the cores are shared with four other engineers' work, "
+        f"Machine: {benchlib.machine()}. {load.summary()}; wall times carry whatever else ran on the machine, "
         f"so wall times carry that noise (peak RSS does not). Inputs: {inputs}, GPTQ 4-bit g{args.group_size}, {args.calibration_samples} calibration and {args.eval_samples} eval windows "
-        f"of {args.seq_len} tokens (stdlib preset), device {args.device}, {args.reps} repetitions alternating which workflow runs first, medians.\n\n"
+        f"of {args.seq_len} tokens (stdlib preset), {completions}, device {args.device}, {args.reps} repetitions alternating which workflow runs first, medians.\n\n"
         f"{table(usuals, qmerges)}"
         + (f"\n\n{all_candidates_line(usuals, results[qmerge_all])}" if args.all_candidates else "")
     )

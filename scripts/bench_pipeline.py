@@ -225,8 +225,8 @@ def main() -> None:
     tag = (f"{args.device}-random-{args.random}" if args.random else args.device) + (f"-samples{args.samples}" if args.samples is not None else "")
     completions = "qmerge's default side-by-side completions" if args.samples is None else f"qmerge with --samples {args.samples}"
     text = (
-        f"Machine: {benchlib.machine()}. {load.summary()}; wall times carry whatever else ran on the machine, "
-        f"so wall times carry that noise (peak RSS does not). Inputs: {inputs}, GPTQ 4-bit g{args.group_size}, {args.calibration_samples} calibration and {args.eval_samples} eval windows "
+        f"Machine: {benchlib.machine()}. {load.summary()} (anything else that ran shows there, "
+        f"and wall times carry it; peak RSS does not). Inputs: {inputs}, GPTQ 4-bit g{args.group_size}, {args.calibration_samples} calibration and {args.eval_samples} eval windows "
         f"of {args.seq_len} tokens (stdlib preset), {completions}, device {args.device}, {args.reps} repetitions alternating which workflow runs first, medians.\n\n"
         f"{table(usuals, qmerges)}"
         + (f"\n\n{all_candidates_line(usuals, results[qmerge_all])}" if args.all_candidates else "")

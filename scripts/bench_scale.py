@@ -42,7 +42,11 @@ def run_one(repo: Path, base: Path, adapter: Path, out: Path, stream: str | None
         "--calibration-samples", str(a.calibration_samples), "--eval-samples", str(a.eval_samples), "--seq-len", str(a.seq_len), "--group-size", "64",
         "--candidates", "merged,base" + (",gptq" if gptq else ""), *([] if gptq else ["--skip-gptq"]), *(["--stream", stream] if stream else []),
     ]
-    m = benchlib.run_child(argv, env={"PYTHONPATH": str(repo)}, cwd=repo)  # `python -m` puts the working directory first on the path
+    try:
+        m = benchlib.run_child(argv, env={"PYTHONPATH": str(repo)}, cwd=repo)  # `python -m` puts the working directory first on the path
+    except RuntimeError as e:  # a run that cannot fit is a result too (before streaming, the large sizes)
+        shutil.rmtree(out, ignore_errors=True)
+        return {"failed": str(e).splitlines()[0][-80:], "stages": {}, "plan": None, "peak_rss_mb": float("nan")}
     rep = json.loads((out / "report.json").read_text())
     shutil.rmtree(out)
     return {"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb, "stages": rep["stages"], "plan": rep.get("plan")}
@@ -65,12 +69,12 @@ def table(rows: list[dict], modes: list[str]) -> str:
             for st in STAGES:
                 stage = r[m]["stages"].get(st)
                 if stage is None:
-                    cells.append("-")
+                    cells.append("failed" if "failed" in r[m] else "-")
                     continue
                 plan = ((r[m]["plan"] or {}).get("stages", {}).get(st) or {}).get("peak_mb", {}).get("cpu")
                 cells.append(f"{stage['peak_rss_mb']:.0f}" + (f" ({plan})" if plan else ""))
                 points[m, st].append((r["params"], stage["peak_rss_mb"]))
-        cells.append(" / ".join(f"{r[m]['peak_rss_mb']:.0f}" for m in modes))
+        cells.append(" / ".join(r[m]["failed"] if "failed" in r[m] else f"{r[m]['peak_rss_mb']:.0f}" for m in modes))
         body.append(cells)
     slopes = "; ".join(f"{st} {m}: {fit(p):.2f} B/param" for (m, st), p in points.items() if len(p) >= 2)
     return benchlib.markdown_table(header, body) + f"\n\nFitted slope of each stage's peak against the parameter count: {slopes}."

@@ -111,7 +111,7 @@ def main() -> None:
             shutil.rmtree(adapter)
     what = f"checkout {repo}" if a.before else "this checkout, candidates streamed (--stream always) and resident (--stream never)"
     text = (
-        f"Machine: {benchlib.machine()}. {load.summary()}; the cores are shared with other engineers' work (wall times are noisy, peaks are not). "
+        f"Machine: {benchlib.machine()}. {load.summary()} (anything else that ran shows there; wall times carry it, peaks do not). "
         f"{what}; `qmerge run --skip-gptq --candidates merged,base` (GPTQ too up to {a.gptq_up_to / 1e6:.0f}M parameters), {a.eval_samples} eval windows of {a.seq_len} tokens, "
         f"{a.calibration_samples} calibration windows; peak RSS of each stage's worker, the plan's estimate in brackets.\n\n{table(rows, modes)}"
     )

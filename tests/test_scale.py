@@ -17,7 +17,7 @@ from conftest import make_tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchlib  # noqa: E402
 
-# 84 layers of width 1024: ~1.07B parameters, 2.15 GB of bf16, a small vocabulary so that the layers are
+# 84 layers of width 1024: ~1.08B parameters, 2.16 GB of bf16, a small vocabulary so that the layers are
 # the model. A forked stage worker starts from its parent's ~0.75 GB of imports (0.47 GB when this test
 # was written); the 4-bit reference holds ~0.54 GB; a streamed candidate one module (the memory plan's
 # arithmetic, qmerge.plan). Measured in the cgroup at 72 layers under a 1.5 GB limit (2026-11-30): the

@@ -21,7 +21,7 @@ one of lowest KLD, and the run fails its budget (exit 3) with every output kept.
 
 Why GPTAQ and not GPTQModel's other algorithm options: measured on the demo (BENCHMARKS.md, plain
 4-bit g64 KLD 0.0896 in 83 s), GPTAQ gave 0.925 × that KLD in 1.34 × the time, MSE clipping 0.875 ×
-in 2.3 ×, act-order 0.95 × in 1.23 ×, FOEM 1.4 × (worse). The search runs up to three such GPTQ runs,
+in 2.3 ×, act-order 0.95 × in 1.24 ×, FOEM 1.4 × (worse). The search runs up to three such GPTQ runs,
 and its whole wall time is meant to stay within 4 plain runs: MSE clipping alone would break that.
 """
 

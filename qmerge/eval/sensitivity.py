@@ -11,7 +11,8 @@ per-layer hidden-state drift: it is per layer, not per module, and accumulates a
 The cost is one forward of a few windows per group, with no GPTQ run; calibration windows (not the
 eval set the budget is judged on) so the choice is not fitted to the numbers that judge it. A group
 in decoder layer l leaves layers 0…l−1 as they were, so those replay their outputs from the plain
-forward instead of computing them again: the same logits, at about half the forwards' cost.
+forward instead of computing them again: the same logits, and with groups spread evenly over the
+depth about half the layers computed per probe forward.
 
 Groups are what a server must treat alike: q/k/v of one layer (vLLM and SGLang fuse them), gate/up
 (fused too), and every other linear module on its own.

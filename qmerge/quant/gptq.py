@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig
 
 from qmerge.errors import QmergeError
+from qmerge.io.atomic import PARTIAL
 from qmerge.io.progress import Progress
 from qmerge.models.architecture import transformers_holds
 from qmerge.models.engine import gptqmodel, transformers_unpatched
@@ -48,7 +49,7 @@ def quantize(
     loader = "gptqmodel" if dynamic else gptq_loader(hf_config, layers, trust_remote_code)
     if dynamic and layers.fused:  # its patterns would name the parts GPTQModel splits, the checkpoint stores them fused
         raise QmergeError(f"per-module overrides are not supported on a model with fused layers ({next(iter(layers.fused))}); run without --search")
-    with transformers_unpatched(hf_config.model_type), _quiet(out_dir / LOG_NAME, verbose) as progress_stream, _scratch_cwd() as scratch:
+    with transformers_unpatched(hf_config.model_type), _quiet(out_dir / LOG_NAME, verbose) as progress_stream, _scratch_cwd(out_dir.parent) as scratch:
         engine = gptqmodel()
         config = engine.QuantizeConfig(
             bits=gptq.bits, group_size=gptq.group_size, desc_act=gptq.desc_act, sym=gptq.sym, damp_percent=gptq.damp, format="gptq",
@@ -151,11 +152,13 @@ def read_quant_log(gptq_dir: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _scratch_cwd():
+def _scratch_cwd(beside: Path):
     """GPTQModel writes per-module logs into ./logs of the working directory; keep the user's clean
-    (quant_log.csv in the checkpoint keeps the per-module losses)."""
+    (quant_log.csv in the checkpoint keeps the per-module losses). The scratch (logs and GPTQModel's
+    offloaded layers) sits beside the output, on the disk the memory plan counts it on, under a
+    partial's name: a killed run's is removed by the next run in that directory, not left in /tmp."""
     old = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="qmerge-gptq-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".gptq-scratch{PARTIAL}", dir=beside) as tmp:
         os.chdir(tmp)
         try:
             yield Path(tmp)

@@ -144,9 +144,10 @@ def bandwidth(work: Path) -> None:
     path.unlink()
 
 
-def write_llama(work: Path, name: str, layers: int, hidden: int = 4096, intermediate: int = 11008, kv_heads: int = 32, vocab: int = 32000) -> tuple[Path, Path]:
+def write_llama(work: Path, name: str, layers: int, hidden: int = 4096, intermediate: int = 11008, kv_heads: int = 32, vocab: int = 32000,
+                device: torch.device = GPU) -> tuple[Path, Path]:
     """A random Llama-shaped bf16 checkpoint (Llama-2-7B's shape by default) and a random r=16
-    all-linear adapter, made on the GPU."""
+    all-linear adapter, made on `device` (the GPU: seconds, not minutes)."""
     from transformers import LlamaConfig
 
     from conftest import make_tokenizer
@@ -160,10 +161,10 @@ def write_llama(work: Path, name: str, layers: int, hidden: int = 4096, intermed
     make_tokenizer(base, 512)  # GPTQModel loads a tokenizer with the model; the text uses 512 of the vocabulary's ids
     writer = ShardWriter(base, max_shard_bytes=5 * 1024**3)
     lora = {}
-    g = torch.Generator(device=GPU).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
-        return (torch.randn(shape, generator=g, device=GPU) * 0.02).to(torch.bfloat16).cpu()
+        return (torch.randn(shape, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu()
 
     writer.add("model.embed_tokens.weight", rnd(vocab, hidden))
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * head, hidden), "self_attn.v_proj": (kv_heads * head, hidden),
@@ -172,8 +173,8 @@ def write_llama(work: Path, name: str, layers: int, hidden: int = 4096, intermed
         for module, (o, n) in shapes.items():
             key = f"model.layers.{i}.{module}"
             writer.add(f"{key}.weight", rnd(o, n))
-            lora[f"base_model.model.{key}.lora_A.weight"] = (torch.randn(16, n, generator=g, device=GPU) * 0.01).cpu()
-            lora[f"base_model.model.{key}.lora_B.weight"] = (torch.randn(o, 16, generator=g, device=GPU) * 0.01).cpu()
+            lora[f"base_model.model.{key}.lora_A.weight"] = (torch.randn(16, n, generator=g, device=device) * 0.01).cpu()
+            lora[f"base_model.model.{key}.lora_B.weight"] = (torch.randn(o, 16, generator=g, device=device) * 0.01).cpu()
         writer.add(f"model.layers.{i}.input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
         writer.add(f"model.layers.{i}.post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
     writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
@@ -258,19 +259,22 @@ def drift_7b(work: Path, deadline: float) -> None:
 
 
 @step
-def llama3_8b_run(work: Path, deadline: float, calibration: int) -> None:
+def llama3_8b_run(work: Path, deadline: float, run: argparse.Namespace) -> None:
     """Issue 15's GPU measurement: the whole `qmerge run` with default candidates on a random-weight
     Llama-3-8B-shaped model (vocabulary 128256, 8 KV heads) with a rank-16 all-linear adapter, 32
     eval windows of 2048 tokens: wall and peak GPU memory per stage beside the memory plan's estimate
-    (goal: peak ≤ 4-bit reference + one 16-bit candidate + 6 GB, whole run ≤ 10 min)."""
+    (goal: peak ≤ 4-bit reference + one 16-bit candidate + 6 GB, whole run ≤ 10 min). With `--device
+    cpu` the same run's CPU-side figures (peak RSS per stage), on fewer and shorter windows and
+    without GPTQ (`--skip-gptq`) where a machine without a GPU cannot afford them."""
     if past(deadline - 480, "llama-3-8b run"):
         return
     t = time.perf_counter()
-    base, adapter = write_llama(work, "l3", 32, 4096, 14336, 8, 128256)
+    base, adapter = write_llama(work, "l3", 32, 4096, 14336, 8, 128256, device=torch.device(run.device))
     record("llama-3-8b-shaped checkpoint: write s", round(time.perf_counter() - t, 1))
     out = work / "l3-out"
-    cmd = [sys.executable, "-m", "qmerge.cli", "run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", "cuda", "--seq-len", "2048",
-           "--eval-samples", "32", "--calibration-samples", str(calibration), "--group-size", "128"]
+    cmd = [sys.executable, "-m", "qmerge.cli", "run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", run.device,
+           "--seq-len", str(run.seq_len), "--eval-samples", str(run.eval_samples), "--calibration-samples", str(run.calibration_samples), "--group-size", "128",
+           *(["--skip-gptq"] if run.skip_gptq else [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=max(60, deadline - time.time()))
@@ -291,6 +295,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--only", default="nf4,tiny,bandwidth,7b", help="comma-separated subset of the checks: nf4, tiny, bandwidth, 7b, run8b (issue 15's whole run; give it a run of its own)")
     parser.add_argument("--calibration-samples", type=int, default=128, help="calibration windows of the run8b check")
+    parser.add_argument("--eval-samples", type=int, default=32, help="eval windows of the run8b check")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per window of the run8b check")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu: the run8b check's CPU-side figures on a machine without a GPU (the other checks need one)")
+    parser.add_argument("--skip-gptq", action="store_true", help="the run8b check without its GPTQ stage (an 8B GPTQ takes hours on a few CPU cores)")
     parser.add_argument("--deadline", type=float, default=840, help="seconds the whole script may take (run8b stops its run there)")
     parser.add_argument("--gptq-after", type=float, default=240, help="skip the 7B GPTQ if this many seconds have passed")
     parser.add_argument("--drift-after", type=float, default=360, help="skip the 7B drift stage if this many seconds have passed")
@@ -299,7 +307,7 @@ def main() -> None:
     start = time.time()
     import bitsandbytes
 
-    record("gpu", torch.cuda.get_device_name())
+    record("gpu", torch.cuda.get_device_name() if args.device != "cpu" else f"none: CPU only ({os.cpu_count()} cores)")
     record("versions", {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__})
     with tempfile.TemporaryDirectory(dir=os.environ.get("WORK_DIR", "/tmp")) as tmp:
         work = Path(tmp)
@@ -315,7 +323,7 @@ def main() -> None:
             gptq_7b(work, start + args.gptq_after)
             drift_7b(work, start + args.drift_after)
         if "run8b" in only:
-            llama3_8b_run(work, start + args.deadline, args.calibration_samples)
+            llama3_8b_run(work, start + args.deadline, args)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = "| check | result |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     (args.out / "results.md").write_text(table + "\n")

@@ -139,3 +139,42 @@ def test_streamed_candidates_give_the_numbers_of_resident_ones(reference, tiny_b
         results[mode] = drift.evaluate(reference, builds, [windows], "float32", show_progress=False)[0]
     assert results["streamed"] == results["resident"]
     assert {k: v for k, v in held.items() if k[0] == "streamed" and k[1] != "rtn"} == {("streamed", k): "meta" for k in ("merged", "original", "base")}
+
+
+def test_peft_nf4_is_peft_merge_and_unload_and_shares_what_it_does_not_touch(reference, tiny_base, tiny_adapter):
+    """The "peft-nf4" row holds exactly what the oracle holds, PEFT's own merge_and_unload on a fresh
+    bitsandbytes 4-bit load of the base: the same re-rounded codes and statistics, the same other
+    tensors (compared stored, before any forward: bitsandbytes repacks a CPU layer at its first; the
+    row computes in float32 on them, as the reference does, where bitsandbytes' CPU forward rounds to
+    bf16). Building it leaves the reference as it was; embeddings, head and norms are the
+    reference's own tensors, not a copy."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from peft import PeftModel
+
+    from qmerge.merge.nf4 import bnb_config
+    from qmerge.models.reference import peft_nf4
+
+    ids = eval_windows(tiny_base)[:2, :-1]
+    with torch.inference_mode():
+        before = reference(input_ids=ids).logits
+        model = peft_nf4(reference)
+        fresh = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32, quantization_config=bnb_config(NF4Settings(), "float32"))
+        oracle = PeftModel.from_pretrained(fresh, str(tiny_adapter)).merge_and_unload()
+        ours, theirs = dict(model.named_modules()), dict(oracle.named_modules())
+        assert ours.keys() == theirs.keys()
+        four_bit = [name for name, m in theirs.items() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(four_bit) == 14 and all(isinstance(ours[name], bnb.nn.Linear4bit) for name in four_bit)
+        for name in four_bit:
+            a, b = ours[name].weight, theirs[name].weight
+            assert torch.equal(dequantize_4bit(a.data, a.quant_state), dequantize_4bit(b.data, b.quant_state)), name
+        stored = dict(oracle.named_parameters())
+        for name, p in model.named_parameters():
+            if p.dtype != torch.uint8:
+                assert torch.equal(p, stored[name]), name
+        model(input_ids=ids)
+        assert torch.equal(reference(input_ids=ids).logits, before)
+    own = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        if "lora_" not in name and ".base_layer." not in name:
+            assert own[name.replace("base_model.model.", "", 1)] is p, name

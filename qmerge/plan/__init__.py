@@ -77,7 +77,10 @@ class Plan:
             for device, parts in st.devices.items():
                 limit = self.available.get(device, self.available.get("cuda", 0))
                 if st.peak(device) > HEADROOM * limit:
-                    raise QmergeError(f"memory plan: the {st.name} stage needs ~{st.peak(device) / GB:.1f} GB on {device} but {limit / GB:.1f} GB is available; {_fix(st.name)}")
+                    raise QmergeError(
+                        f"memory plan: the {st.name} stage needs ~{st.peak(device) / GB:.1f} GB on {device}, more than the {HEADROOM:.0%} of its available "
+                        f"{limit / GB:.1f} GB a stage may use; {_fix(st.name)}"
+                    )
         if self.disk_need > self.disk_free:
             raise QmergeError(
                 f"memory plan: the run writes ~{_size(self.disk_need)} (merged, GPTQ and its offload, reference cache) but {_size(self.disk_free)} is free at --out; "

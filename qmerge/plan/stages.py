@@ -42,18 +42,23 @@ def reference_bytes(s: Shape, settings: RunSettings, cuda: bool) -> int:
     float32. A plain LoRA's reference: the 16-bit base."""
     if settings.reference_kind != "qlora":
         return 2 * s.params + 4 * s.adapter
+    return four_bit(s, settings) + (4 if cuda else 6) * s.other + 4 * s.adapter
+
+
+def four_bit(s: Shape, settings: RunSettings) -> int:
+    """The linear weights as bitsandbytes holds them: 4-bit codes and their block statistics."""
     per = 0.5 + (1 / 64 + 4 / (64 * 256) if settings.nf4.double_quant else 4 / 64)
-    return int(s.linear * per) + (4 if cuda else 6) * s.other + 4 * s.adapter
+    return int(s.linear * per)
 
 
-def candidate_bytes(kind: str, s: Shape, streamed: bool, settings: RunSettings, reference: int, cuda: bool) -> int:
+def candidate_bytes(kind: str, s: Shape, streamed: bool, settings: RunSettings, cuda: bool) -> int:
     """One drift candidate's weights as it is held (models.checkpoints, eval.candidates)."""
     if kind in ("merged", "base"):
         return sixteen_bit(s, streamed)
     if kind == "original":  # resident: the edited weights copied out of the base's pages, which the edits read
         return sixteen_bit(s, streamed) + (0 if streamed or cuda else 2 * s.linear)
-    if kind == "peft-nf4":
-        return reference  # a copy of the reference, merged and re-rounded to NF4
+    if kind == "peft-nf4":  # its own 4-bit linears (the rest shared with the reference), one module's float32 sum in flight
+        return four_bit(s, settings) + 4 * s.largest_linear
     if kind == "rtn":  # int8 levels beside DIR/merged's pages they were rounded from; streamed: rounded as each layer runs
         if streamed:
             return sixteen_bit(s, True) + 4 * s.largest_linear
@@ -122,7 +127,7 @@ def gptq_stage(name: str, s: Shape, settings: RunSettings, base: int, cuda: bool
         devices = {"cpu": {"base": base + GPTQ_ENGINE, "weights": 2 * s.params + work["weights"], "activations": work["activations"]}}
     if settings.search and name == "gptq":  # eval.search: the reference held throughout; its probe adds a GPTQ trial and the float merge
         reference = reference_bytes(s, settings, cuda)
-        devices["cuda" if cuda else "cpu"]["search"] = reference + candidate_bytes("gptq", s, False, settings, reference, cuda) + sixteen_bit(s, False)
+        devices["cuda" if cuda else "cpu"]["search"] = reference + candidate_bytes("gptq", s, False, settings, cuda) + sixteen_bit(s, False)
         if cache_in_memory:
             devices["cpu"]["cache"] = cache_in_memory
         # on disk: every trial's checkpoint until the choice, and GPTQModel's offload
@@ -136,7 +141,7 @@ def drift_stage(s: Shape, settings: RunSettings, base: int, batch: int, stream: 
     in_memory, on_disk = cache
     streamed = stream is not None
     reference = reference_bytes(s, settings, cuda)
-    largest = max((candidate_bytes(k, s, streamed, settings, reference, cuda) for k in settings.evaluated), default=0)
+    largest = max((candidate_bytes(k, s, streamed, settings, cuda) for k in settings.evaluated), default=0)
     parts = {"weights": reference + largest, "activations": activations(s, batch, settings.data.seq_len), "logits": logits(s, batch, settings.data.seq_len)}
     notes = [f"candidates {'streamed' if streamed else 'resident'}", f"reference cache {'in memory' if in_memory else 'on disk'}"]
     return StagePlan("drift", _on(cuda, base, parts, _host_copy(s, stream), in_memory), disk=on_disk, notes=notes)

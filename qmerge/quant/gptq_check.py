@@ -22,6 +22,8 @@ from qmerge.quant.gptq_weights import dequantize, layer_tensors
 from qmerge.quant.structure import GPTQLayers
 from qmerge.settings import GPTQSettings
 
+LOAD_CHECK_TOKENS = 32  # tokens of a calibration window check_loads runs
+
 MAX_REL_ERROR = 1.0  # ‖dequantized − merged‖ / ‖merged‖ per layer: 2-bit GPTQ stays well under it, unrelated rows land near √2
 
 
@@ -48,8 +50,10 @@ def check_layers(out_dir: Path, merged_dir: Path, layers: GPTQLayers, gptq: GPTQ
 
 
 def check_loads(out_dir: Path, window: torch.Tensor, device: torch.device, loader: str, trust_remote_code: bool = False) -> str:
-    """Load the checkpoint as a user would (`loader`: transformers or gptqmodel) and run one window;
-    returns the class of the kernel it chose."""
+    """Load the checkpoint as a user would (`loader`: transformers or gptqmodel) and run the first
+    LOAD_CHECK_TOKENS of a window through every layer; returns the class of the kernel it chose. A few
+    tokens run every kernel; the whole 512-token window took 2.6 s against 0.9 s on the demo (CPU),
+    most of the GPTQ stage's overhead over bare GPTQModel (BENCHMARKS.md)."""
     # where bf16 is not native the check runs in float32, as GPTQ did (oneDNN limited to AVX2 aborted the process in bf16)
     dtype = {} if native(torch.bfloat16, device) else {"dtype": torch.float32}
     if loader == "transformers":
@@ -57,7 +61,7 @@ def check_loads(out_dir: Path, window: torch.Tensor, device: torch.device, loade
     else:
         model = gptqmodel().GPTQModel.load(str(out_dir), device=str(device), trust_remote_code=trust_remote_code, **dtype).model
     with torch.inference_mode():
-        logits = model(input_ids=window[None].to(device)).logits
+        logits = model(input_ids=window[None, :LOAD_CHECK_TOKENS].to(device)).logits
     if not torch.isfinite(logits).all():
         raise VerifyError(f"the GPTQ checkpoint computes non-finite logits in {loader} ({logits.dtype}); it is not handed over: try --group-size 32 or --bits 8, or score it with --skip-gptq")
     kernels = {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("gptqmodel")}

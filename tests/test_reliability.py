@@ -73,12 +73,17 @@ def test_resume_reuses_verified_stages_and_redoes_changed_ones(tiny_base, tiny_a
     assert cli(*args).returncode == 0
     again = cli(*args, "--resume")
     assert again.returncode == 0 and "merged: reused" in again.stdout and "drift: reused" in again.stdout
+    from qmerge.quant.gptq import SCRATCH_PREFIX
+
+    killed = tmp_path / "out" / f"{SCRATCH_PREFIX}k1lled"  # what a run killed inside GPTQModel leaves
+    (killed / "offload").mkdir(parents=True)
     merged = tmp_path / "out" / "merged" / "model.safetensors"
     intact = merged.read_bytes()
     merged.write_bytes(b"damaged")
     resumed = cli(*args, "--resume")
     assert resumed.returncode == 0 and "merged: reused" not in resumed.stdout
     assert merged.read_bytes() == intact
+    assert not killed.exists()
     monkeypatch.setattr(pipeline, "library_versions", lambda: {**library_versions(), "transformers": "5.99.0"})
     upgraded = cli(*args, "--resume")
     assert upgraded.returncode == 0 and "reused" not in upgraded.stdout, upgraded.stdout

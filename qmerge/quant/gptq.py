@@ -28,6 +28,7 @@ from qmerge.models.precision import native
 from qmerge.settings import GPTQSettings
 
 LOG_NAME = "quantize.log"
+SCRATCH_PREFIX = f".gptq-scratch{PARTIAL}"  # GPTQModel's scratch beside the output: a partial's name, so clean_partials removes a killed run's
 
 
 def quantize(
@@ -158,7 +159,7 @@ def _scratch_cwd(beside: Path):
     offloaded layers) sits beside the output, on the disk the memory plan counts it on, under a
     partial's name: a killed run's is removed by the next run in that directory, not left in /tmp."""
     old = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix=f".gptq-scratch{PARTIAL}", dir=beside) as tmp:
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=beside) as tmp:
         os.chdir(tmp)
         try:
             yield Path(tmp)

@@ -96,7 +96,7 @@ def _on(cuda: bool, base: int, parts: dict[str, int], host: int = 0, cache: int 
 def nf4_stage(s: Shape, settings: RunSettings, base: int, cuda: bool) -> StagePlan:
     """The base quantized tensor by tensor into DIR/nf4."""
     parts = {"weights": max(QUANTIZE_PER_ELEMENT * s.largest_linear, 2 * s.largest)}  # a tensor kept 16-bit is copied through
-    size = int(s.linear * 0.52) + 2 * s.other
+    size = four_bit(s, settings) + 2 * s.other
     return StagePlan("nf4", _on(cuda, base, parts), disk=size)
 
 

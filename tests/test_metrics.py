@@ -54,21 +54,27 @@ def test_token_stats_with_shared_reference_is_bit_identical_to_the_per_candidate
 @pytest.mark.parametrize("head_bytes", [64 * 2**20, 4 * 500 * 64])  # one span per window; spans of 64 positions
 def test_compare_in_chunks_equals_the_whole_batch_at_once(head_bytes, monkeypatch):
     """metrics.compare projects spans of positions and runs the metric math on 64 positions at a time
-    to bound memory; its per-token series, in (B, T) order, equal token_stats of the whole batch
-    (float32 logits, as models return them). The "heads" here are the identity on the logits."""
+    to bound memory, the reference's side once for several candidates; each candidate's per-token
+    series, in (B, T) order, equal token_stats of the whole batch (float32 logits, as models return
+    them) and do not depend on which other candidates share the pass. The "heads" here are the
+    identity on the logits, and a head that scales them (a candidate with its own head)."""
     from qmerge.eval import metrics
 
     monkeypatch.setattr(metrics, "HEAD_BYTES", head_bytes)
     vocab = 500
     g = torch.Generator().manual_seed(4)
     ref_logits = torch.randn(2, 150, vocab, generator=g) * 3
-    logits = ref_logits + torch.randn(ref_logits.shape, generator=g) * 0.3
+    logits = {name: ref_logits + torch.randn(ref_logits.shape, generator=g) * noise for name, noise in (("a", 0.3), ("b", 1.0))}
     targets = torch.randint(0, vocab, (2, 150), generator=g)
-    whole = token_stats(reference_stats(log_probs(ref_logits), targets), log_probs(logits))
-    identity = lambda x: x  # noqa: E731
-    chunked = compare(identity, identity, ref_logits, logits, targets, vocab)
-    for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
-        assert torch.allclose(getattr(chunked, field).double(), getattr(whole, field).double(), rtol=1e-12, atol=0), field
+    identity, doubled = (lambda x: x), (lambda x: 2 * x)  # noqa: E731
+    heads = {"a": identity, "b": doubled}
+    together = compare(identity, ref_logits, {name: (heads[name], x) for name, x in logits.items()}, targets, vocab)
+    for name, x in logits.items():
+        whole = token_stats(reference_stats(log_probs(ref_logits), targets), log_probs(heads[name](x)))
+        alone = compare(identity, ref_logits, {name: (heads[name], x)}, targets, vocab)[name]
+        for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
+            assert torch.equal(getattr(together[name], field), getattr(alone, field)), (name, field)
+            assert torch.allclose(getattr(together[name], field).double(), getattr(whole, field).double(), rtol=1e-12, atol=0), (name, field)
 
 
 def test_summarize_hand_computed():

@@ -8,10 +8,13 @@ device has no native bf16, qmerge.models.precision).
 
 The reference runs once per eval window: its pass keeps what the metrics need (each layer's hidden
 state, the last one being the head's input) in a ReferenceCache, in memory or on disk by budget, and
-every candidate is then built, scored against the cache and released before the next one is built,
+every candidate is then built, run against the cache and released before the next one is built,
 so one candidate is resident beside the reference. Inside a forward nothing whole-batch is kept:
-each decoder layer's output is reduced against the reference's as the layer finishes (models.taps),
-and logits exist one chunk of positions at a time, projected from the final hidden state.
+each decoder layer's output is reduced against the reference's as the layer finishes (models.taps).
+What a candidate leaves is its head and its final hidden states; the token statistics of all of
+them are taken in one last pass, the reference's side (its logits, log-probabilities, top-k) once
+per span of positions for every candidate, and logits exist one span of positions at a time,
+projected from the final hidden states.
 """
 
 from __future__ import annotations
@@ -23,16 +26,17 @@ from pathlib import Path
 
 import torch
 from qmerge.eval.finite import check_finite
-from qmerge.eval.metrics import compare, kld_histogram, per_window, summarize
+from qmerge.eval.metrics import Projection, compare, kld_histogram, per_window, summarize
 from qmerge.eval.refcache import Key, ReferenceCache
 from qmerge.io.dtypes import torch_dtype
 from qmerge.io.memory import release, trim
 from qmerge.io.progress import Progress as Bar
 from qmerge.models.precision import computing_in
-from qmerge.models.taps import Taps
+from qmerge.models.taps import Taps, same_head
 
 NOISE_FLOOR = "noise floor (reference @ training compute dtype)"
 REFERENCE = "reference"
+TOKEN_STATS = "token statistics"  # the progress callback's name for the last pass, every model's token statistics
 CACHE_BUDGET = 256 * 2**20  # bytes of reference cache held in memory; more goes to disk
 
 Build = Callable[[], torch.nn.Module]
@@ -88,20 +92,25 @@ class Tally:
         check_finite(final, "the reference (QLoRA as trained)", key[1])
         ref.check_head(ids[:, :-1], final)
 
-    def score(self, name: str, ref: Taps, taps: Taps, cache: ReferenceCache, key: Key, ids: torch.Tensor) -> None:
-        """One batch of one model against the cached reference: layer drift as each layer finishes,
-        then the token statistics a chunk of positions at a time."""
+    def run(self, name: str, taps: Taps, cache: ReferenceCache, key: Key, ids: torch.Tensor) -> torch.Tensor:
+        """One batch of one model against the cached reference: its layer drift as each layer
+        finishes; returns its final hidden state, from which `score` takes the token statistics."""
         layers = self.layers.setdefault(name, LayerDrift(len(taps.layers)))
         final = taps.run(ids[:, :-1], lambda i, h: layers.add(i, cache.get(key, i), h))
         check_finite(final, f"candidate {name!r}", key[1])
         taps.check_head(ids[:, :-1], final)
-        ref_final = cache.get(key, len(ref.layers) - 1).to(final.device)
-        targets = ids[:, 1:].to(final.device)
-        layers.tokens += targets.numel()
-        s = compare(ref.logits, taps.logits, ref_final, final, targets, ref.config.vocab_size)
-        acc = self.series.setdefault(name, defaultdict(list))
-        for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
-            acc[field].append(getattr(s, field).cpu())
+        layers.tokens += final.shape[0] * final.shape[1]
+        return final
+
+    def score(self, ref: Taps, cache: ReferenceCache, key: Key, ids: torch.Tensor, finals: Mapping[str, tuple[Projection, torch.Tensor]]) -> None:
+        """The token statistics of one batch of every model in `finals` (name → its head, its final
+        hidden state), against the reference's side computed once for all of them."""
+        ref_final = cache.get(key, len(ref.layers) - 1)
+        targets = ids[:, 1:]
+        for name, s in compare(ref.logits, ref_final, finals, targets, ref.config.vocab_size).items():
+            acc = self.series.setdefault(name, defaultdict(list))
+            for field in ("nll_ref", "nll", "kld", "top1_same", "top5_same"):
+                acc[field].append(getattr(s, field).cpu())
 
     def result(self, order: list[str]) -> dict:
         """{"metrics": per model in `order`, every number against the reference, the per-token KLD
@@ -128,8 +137,14 @@ def cache_bytes(reference: torch.nn.Module, windows: Sequence[torch.Tensor]) -> 
 
 class Scoring:
     """The reference run once over the eval sets into its cache, then any number of candidates scored
-    against it, one at a time (`score`), each metric bit-identical to a fresh `evaluate`: the search
-    scores its trials with one Scoring, so the reference runs once per search, not once per trial."""
+    against it (`score`), each metric bit-identical to a fresh `evaluate`: the search scores its
+    trials with one Scoring, so the reference runs once per search, not once per trial.
+
+    A candidate's forward gives its layer drift at once; its token statistics wait, as its head and
+    final hidden states (H floats a position), until `results`, which projects the reference's
+    logits and takes its log-probabilities and top-k once per batch for every candidate waiting:
+    per candidate that is a head projection and a float64 log-softmax over the vocabulary saved
+    (a fifth of a candidate's cost on a CPU at a 49k vocabulary)."""
 
     def __init__(self, reference: torch.nn.Module, windows: Sequence[torch.Tensor], batch_size: int = 1, scored_bytes: Sequence[int | None] | None = None,
                  cache_budget: int = CACHE_BUDGET, cache_dir: Path | None = None) -> None:
@@ -138,6 +153,9 @@ class Scoring:
         self.batches = sum(-(-len(t.windows) // batch_size) for t in self.tallies)
         self.ref = Taps(reference)
         self.cache = ReferenceCache(cache_bytes(reference, windows), cache_budget, cache_dir)
+        self.final_bytes = self.cache.total_bytes // self.ref.config.num_hidden_layers  # one model's final hidden states
+        self.cache_budget, self.cache_dir = cache_budget, cache_dir
+        self.waiting: dict[str, tuple[Projection, ReferenceCache]] = {}
 
     @torch.inference_mode()
     def run_reference(self, step: Callable[[int], None] = lambda _: None) -> None:
@@ -148,23 +166,54 @@ class Scoring:
 
     @torch.inference_mode()
     def score(self, name: str, model: torch.nn.Module, step: Callable[[int], None] = lambda _: None) -> None:
-        """`model` on every batch of every eval set, against the cached reference."""
+        """`model` on every batch of every eval set, against the cached reference: its layer drift;
+        its final hidden states kept (in memory up to an eighth of the cache budget, on disk beyond)
+        with its head for `results`. `model` itself may go once this returns."""
         taps, done = Taps(model), 0
+        finals = ReferenceCache(self.final_bytes, self.cache_budget // 8, self.cache_dir)
         for tally in self.tallies:
             for key, ids in tally.batches(self.batch_size):
-                tally.score(name, self.ref, taps, self.cache, key, ids)
+                finals.put(key, 0, tally.run(name, taps, self.cache, key, ids))
                 trim()  # glibc keeps a batch's freed activations otherwise
                 done += 1
                 step(done)
+        self.waiting[name] = (self._head(taps), finals)
 
-    def results(self, names: Sequence[str]) -> list[dict]:
-        """Per eval set, Tally.result of these models."""
+    def _head(self, taps: Taps) -> Projection:
+        """The model's head projection, or an equal one a waiting model left: candidates mostly carry
+        the base's head (vocabulary × hidden in 16 bits: 1 GB for a Llama-3-8B), held once."""
+        for project, _ in self.waiting.values():
+            if same_head(project, taps.projection()):
+                return project
+        return taps.projection()
+
+    def results(self, names: Sequence[str], step: Callable[[int], None] = lambda _: None) -> list[dict]:
+        """Per eval set, Tally.result of these models, after the token statistics of every model
+        waiting (`step` after each batch of them)."""
+        self._score_waiting(step)
         return [t.result(list(names)) for t in self.tallies]
+
+    @torch.inference_mode()
+    def _score_waiting(self, step: Callable[[int], None]) -> None:
+        try:
+            done = 0
+            for tally in self.tallies:
+                for key, ids in tally.batches(self.batch_size):
+                    tally.score(self.ref, self.cache, key, ids, {name: (project, finals.get(key, 0)) for name, (project, finals) in self.waiting.items()})
+                    trim()
+                    done += 1
+                    step(done)
+        finally:
+            for _, finals in self.waiting.values():
+                finals.close()
+            self.waiting.clear()
 
     def __enter__(self) -> Scoring:
         return self
 
     def __exit__(self, *exc) -> None:
+        for _, finals in self.waiting.values():
+            finals.close()
         self.cache.close()
 
 
@@ -192,14 +241,14 @@ def evaluate(
     floor_dtype = torch_dtype(training_compute_dtype)
     names = [*candidates, *([NOISE_FLOOR] if floor_dtype != torch.float32 else [])]
     with Scoring(reference, windows, batch_size, scored_bytes, cache_budget, cache_dir) as scoring, \
-            _reporter(progress, show_progress, (1 + len(names)) * scoring.batches) as step:
+            _reporter(progress, show_progress, (2 + len(names)) * scoring.batches) as step:
         scoring.run_reference(lambda done: step(REFERENCE, done, scoring.batches))
         for name in names:
             with _model(name, candidates, reference, floor_dtype) as model:
                 scoring.score(name, model, lambda done: step(name, done, scoring.batches))
             del model
             release()  # the candidate's weights go before the next one is built
-        return scoring.results(names)
+        return scoring.results(names, lambda done: step(TOKEN_STATS, done, scoring.batches))
 
 
 @contextlib.contextmanager

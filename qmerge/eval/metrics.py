@@ -9,10 +9,12 @@ small-sample factor), which is wider and honest where a per-token SE would be to
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 
 import torch
+
+from qmerge.io.memory import trim
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,12 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ReferenceStats:
-    """The reference's side of `token_stats` for a span of positions: its probabilities, target NLL,
-    argmax and top-5, the same for any candidate compared with it."""
+    """The reference's side of `token_stats` for a span of positions: its log-probabilities, target
+    NLL, argmax and top-5, the same for any candidate compared with it (computed once per span for
+    every candidate: `compare`). The KL weights exp(lp) are not kept: as large as lp in float64, they
+    cost one exp per candidate to recompute."""
 
     lp: torch.Tensor  # (B, T, V) log-probabilities
-    p: torch.Tensor  # exp(lp): the KL weights
     nll: torch.Tensor  # of the targets, flattened
     top1: torch.Tensor  # (B, T)
     top5: torch.Tensor  # (B, T, 5), sorted token ids
@@ -49,7 +52,6 @@ def reference_stats(ref_lp: torch.Tensor, targets: torch.Tensor) -> ReferenceSta
     idx = targets.unsqueeze(-1)
     return ReferenceStats(
         lp=ref_lp,
-        p=ref_lp.exp(),
         nll=-ref_lp.gather(-1, idx).squeeze(-1).flatten(),
         top1=ref_lp.argmax(-1),
         top5=_top5(ref_lp),
@@ -59,7 +61,7 @@ def reference_stats(ref_lp: torch.Tensor, targets: torch.Tensor) -> ReferenceSta
 
 def token_stats(ref: ReferenceStats, lp: torch.Tensor) -> TokenStats:
     """A candidate's log-probabilities (B, T, V) against the reference's statistics."""
-    kld = (ref.p * (ref.lp - lp)).sum(-1).clamp_min(0.0)
+    kld = (ref.lp.exp() * (ref.lp - lp)).sum(-1).clamp_min(0.0)
     return TokenStats(
         nll_ref=ref.nll,
         nll=-lp.gather(-1, ref.idx).squeeze(-1).flatten(),
@@ -99,17 +101,30 @@ def head_positions(vocab: int) -> int:
     return max(POSITIONS, HEAD_BYTES // (4 * vocab) // POSITIONS * POSITIONS)
 
 
-def compare(ref_project: Projection, project: Projection, ref_hidden: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, vocab: int) -> TokenStats:
-    """token_stats of a candidate against the reference for a batch of windows, flattened in (B, T)
-    order, from their final hidden states (B, T, H) and heads (`project`: a span of hidden states →
-    float32 logits). Logits exist for one span of head_positions(vocab) positions of one window at a
-    time, and the metric math runs on chunks of POSITIONS: whole, one 512-token window of a 49k
-    vocabulary would make five 200 MB float64 tensors; chunked, a few MB whatever the length."""
-    parts = []
+def compare(ref_project: Projection, ref_hidden: torch.Tensor, candidates: Mapping[str, tuple[Projection, torch.Tensor]], targets: torch.Tensor, vocab: int) -> dict[str, TokenStats]:
+    """token_stats of each candidate against the reference for a batch of windows, flattened in (B, T)
+    order, from final hidden states (B, T, H) and heads (`*project`: a span of hidden states →
+    float32 logits); `candidates`: name → (its head, its final hidden states). The reference's side
+    (its logits, log-probabilities, targets' NLL, top-k) is computed once per span for all of them.
+    Logits exist for one span of head_positions(vocab) positions of one model at a time, and the
+    metric math runs on chunks of POSITIONS: whole, one 512-token window of a 49k vocabulary would
+    make five 200 MB float64 tensors; chunked, a few MB whatever the length."""
+    parts: dict[str, list[TokenStats]] = {name: [] for name in candidates}
     for b, span in spans(*targets.shape, head_positions(vocab)):
-        ref_logits, logits, t = ref_project(ref_hidden[b : b + 1, span]), project(hidden[b : b + 1, span]), targets[b : b + 1, span]
-        parts += [chunk_stats(ref_logits[:, c], logits[:, c], t[:, c]) for _, c in spans(1, t.shape[1])]
-    return concat(parts)
+        t = targets[b : b + 1, span]
+        ref_logits = ref_project(ref_hidden[b : b + 1, span])
+        chunks = [c for _, c in spans(1, t.shape[1])]
+        ref_lp = torch.empty(ref_logits.shape, dtype=torch.float64, device=ref_logits.device)  # one block: glibc maps it apart and unmaps it whole
+        for c in chunks:
+            ref_lp[:, c] = log_probs(ref_logits[:, c])
+        del ref_logits
+        refs = [reference_stats(ref_lp[:, c], t[:, c]) for c in chunks]
+        for name, (project, hidden) in candidates.items():
+            logits = project(hidden[b : b + 1, span])
+            parts[name] += [token_stats(ref, log_probs(logits[:, c])) for ref, c in zip(refs, chunks)]
+            del logits
+            trim()  # the span's freed float64 chunks, before the next candidate's: without it glibc's heap grew 0.5-1 GB over a window
+    return {name: concat(p) for name, p in parts.items()}
 
 
 def _top5(lp: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """What the drift metrics need from the reference's forward, kept so the reference runs once per eval
 window for all candidates: per eval batch, each layer's hidden state (B, T, H) in float32 (the last
-row is the normed final hidden state, from which the reference's logits are projected again a chunk
-of positions at a time: H floats per position instead of a vocabulary's worth).
+row is the normed final hidden state, from which the reference's logits are projected again a span
+of positions at a time: H floats per position instead of a vocabulary's worth). The drift stage
+keeps each candidate's final hidden states in one too (one "layer"), for the token statistics it
+takes of all candidates in one pass.
 
 Held in memory when the whole cache fits `budget_bytes`, otherwise on disk, one file per batch with
 its layers one after another, read back a layer at a time with plain reads: the page cache holds

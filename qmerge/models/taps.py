@@ -19,6 +19,7 @@ normed final hidden state (transformers ties the last hidden state to it).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -49,6 +50,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise QmergeError(f"{type(causal_lm(model)).__name__} does not say which modules produce its hidden states; qmerge cannot measure per-layer drift on it")
 
 
+_POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # the config fields _post_process reads
+
+
 def _post_process(config, logits: torch.Tensor) -> torch.Tensor:
     """What transformers' CausalLM heads do to the head's output (softcapping, logit scales)."""
     cap = getattr(config, "final_logit_softcapping", None)
@@ -61,6 +65,30 @@ def _post_process(config, logits: torch.Tensor) -> torch.Tensor:
     if isinstance(divisor, (int, float)) and not isinstance(divisor, bool):
         logits = logits / divisor
     return logits
+
+
+def head_logits(config, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A CausalLM's float32 logits from its head and a span of its final hidden states, computed
+    where the head computes."""
+    hook = getattr(head, "_hf_hook", None)  # accelerate: where the layer computes
+    device = getattr(hook, "execution_device", None) or next(head.parameters()).device
+    return _post_process(config, head(hidden.to(device))).float()
+
+
+def same_head(a: functools.partial, b: functools.partial) -> bool:
+    """Whether two `Taps.projection`s compute the same function: one head, or heads of one class with
+    the class's own forward holding equal tensors (same dtype, device and values), under the same
+    logit post-processing."""
+    (config_a, head_a), (config_b, head_b) = a.args, b.args
+    if head_a is head_b:
+        return True
+    patched = "forward" in head_a.__dict__ or "forward" in head_b.__dict__  # a per-instance forward (accelerate's hooks): not compared
+    if patched or type(head_a) is not type(head_b) or any(getattr(config_a, k, None) != getattr(config_b, k, None) for k in _POST_PROCESSING):
+        return False
+    tensors_a, tensors_b = [*head_a.parameters(), *head_a.buffers()], [*head_b.parameters(), *head_b.buffers()]
+    return len(tensors_a) == len(tensors_b) and all(
+        x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y) for x, y in zip(tensors_a, tensors_b)
+    )
 
 
 class Taps:
@@ -95,8 +123,14 @@ class Taps:
         return final
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits for a span of positions of its final hidden state, float32."""
-        return _post_process(self.config, self.head(hidden)).float()
+        """The model's logits for a span of positions of its final hidden state, float32, on the
+        head's device."""
+        return head_logits(self.config, self.head, hidden)
+
+    def projection(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`logits` holding the head and config only, not the model: what scores a model's final
+        hidden states after the rest of it is gone."""
+        return functools.partial(head_logits, self.config, self.head)
 
     def check_head(self, ids: torch.Tensor, hidden: torch.Tensor) -> None:
         """Once per model: logits from the captured hidden state agree with the model's own on a

@@ -80,10 +80,11 @@ def activations(s: Shape, batch: int, seq_len: int) -> int:
 
 
 def logits(s: Shape, batch: int, seq_len: int) -> int:
-    """A metrics chunk, the float32 logits of a head projection of the reference and the candidate, a
-    block of the head's float32 upcast, the final hidden states of both."""
+    """A metrics chunk, the reference's float64 log-probabilities of a head projection's span and a
+    candidate's float32 logits of it (three float32 spans), a block of the head's float32 upcast, the
+    final hidden states of both."""
     span = min(head_positions(s.vocab), seq_len)
-    return POSITIONS * s.vocab * LOGIT_BYTES + 2 * 4 * span * s.vocab + 4 * min(s.vocab * s.hidden, UPCAST_ELEMENTS) + 2 * batch * seq_len * s.hidden * 4
+    return POSITIONS * s.vocab * LOGIT_BYTES + 3 * 4 * span * s.vocab + 4 * min(s.vocab * s.hidden, UPCAST_ELEMENTS) + 2 * batch * seq_len * s.hidden * 4
 
 
 def _on(cuda: bool, base: int, parts: dict[str, int], host: int = 0, cache: int = 0) -> dict[str, dict[str, int]]:
@@ -136,13 +137,17 @@ def gptq_stage(name: str, s: Shape, settings: RunSettings, base: int, cuda: bool
 
 
 def drift_stage(s: Shape, settings: RunSettings, base: int, batch: int, stream: str | None, cache: tuple[int, int], cuda: bool) -> StagePlan:
-    """The reference, the largest candidate beside it, one batch's activations and a logits chunk;
-    `cache`: the reference cache's bytes (in memory, on disk)."""
+    """The reference, the largest candidate beside it and a 16-bit head the candidates scored before it
+    left (eval.drift.Scoring: their token statistics come last), one batch's activations and a logits
+    chunk; `cache`: the reference cache's bytes (in memory, on disk), and as much again per layer for
+    each candidate's final hidden states."""
     in_memory, on_disk = cache
     streamed = stream is not None
     reference = reference_bytes(s, settings, cuda)
     largest = max((candidate_bytes(k, s, streamed, settings, cuda) for k in settings.evaluated), default=0)
-    parts = {"weights": reference + largest, "activations": activations(s, batch, settings.data.seq_len), "logits": logits(s, batch, settings.data.seq_len)}
+    parts = {"weights": reference + largest + 2 * s.vocab * s.hidden, "activations": activations(s, batch, settings.data.seq_len), "logits": logits(s, batch, settings.data.seq_len)}
+    finals = (in_memory + on_disk) // s.layers * len(settings.evaluated)
+    in_memory, on_disk = (in_memory + finals, on_disk) if in_memory else (in_memory, on_disk + finals)
     notes = [f"candidates {'streamed' if streamed else 'resident'}", f"reference cache {'in memory' if in_memory else 'on disk'}"]
     return StagePlan("drift", _on(cuda, base, parts, _host_copy(s, stream), in_memory), disk=on_disk, notes=notes)
 

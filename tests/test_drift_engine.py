@@ -53,6 +53,23 @@ def test_one_scoring_shared_by_trials_gives_each_its_fresh_evaluation(reference,
             assert shared["metrics"][name] == fresh["metrics"][name] and shared["layers"][name] == fresh["layers"][name], name
 
 
+def test_a_candidate_with_the_bases_head_is_projected_with_the_references(reference, tiny_run):
+    """The merged candidate holds the base's head in 16 bits and upcasts it per use; the reference
+    holds it in float32. drift.Scoring projects the candidate's final hidden states with the
+    reference's head (keeping nothing of the candidate): the same logits bit for bit. A head with
+    one value changed is not taken for it."""
+    from qmerge.models.taps import same_head
+
+    ref, merged = Taps(reference), Taps(load_candidate(tiny_run.merged, CPU))
+    assert merged.head.weight.dtype != torch.float32 and merged.head is not ref.head
+    assert same_head(ref.projection(), merged.projection())
+    hidden = torch.randn(2, 9, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ref.logits(hidden), merged.logits(hidden))
+    with torch.no_grad():
+        merged.head.weight[3, 1] += 1
+    assert not same_head(ref.projection(), merged.projection())
+
+
 def test_cache_bytes_and_where(reference, tiny_base, tmp_path):
     windows = eval_windows(tiny_base)
     config = reference.get_base_model().config

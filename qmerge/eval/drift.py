@@ -140,8 +140,9 @@ class Scoring:
     against it (`score`), each metric bit-identical to a fresh `evaluate`: the search scores its
     trials with one Scoring, so the reference runs once per search, not once per trial.
 
-    A candidate's forward gives its layer drift at once; its token statistics wait, as its head and
-    final hidden states (H floats a position), until `results`, which projects the reference's
+    A candidate's forward gives its layer drift at once; its token statistics wait, as its final
+    hidden states (H floats a position) and its head (the reference's where it computes the same
+    function, as the base's 16-bit head does: nothing more is held), until `results`, which projects the reference's
     logits and takes its log-probabilities and top-k once per batch for every candidate waiting:
     per candidate that is a head projection and a float64 log-softmax over the vocabulary saved
     (a fifth of a candidate's cost on a CPU at a 49k vocabulary)."""
@@ -180,12 +181,14 @@ class Scoring:
         self.waiting[name] = (self._head(taps), finals)
 
     def _head(self, taps: Taps) -> Projection:
-        """The model's head projection, or an equal one a waiting model left: candidates mostly carry
-        the base's head (vocabulary × hidden in 16 bits: 1 GB for a Llama-3-8B), held once."""
-        for project, _ in self.waiting.values():
-            if same_head(project, taps.projection()):
+        """The model's head projection, or the same function held already (the reference's, or one
+        a waiting model left): candidates mostly carry the base's head (vocabulary × hidden: 1 GB in
+        16 bits for a Llama-3-8B), which the reference holds in float32 anyway."""
+        own = taps.projection()
+        for project in (self.ref.projection(), *(p for p, _ in self.waiting.values())):
+            if same_head(project, own):
                 return project
-        return taps.projection()
+        return own
 
     def results(self, names: Sequence[str], step: Callable[[int], None] = lambda _: None) -> list[dict]:
         """Per eval set, Tally.result of these models, after the token statistics of every model

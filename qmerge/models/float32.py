@@ -24,6 +24,23 @@ class _Float32Linear(torch.nn.Linear):
         return torch.cat(parts, dim=-1)
 
 
+def float32_weights(linear: torch.nn.Module) -> bool:
+    """Whether `linear` computes as a float32 nn.Linear does: one (with float32 tensors), or one that
+    upcasts its 16-bit weight per use (float32_compute), with no per-instance forward in the way."""
+    if "forward" in linear.__dict__ or type(linear) not in (torch.nn.Linear, _Float32Linear):
+        return False
+    return type(linear) is _Float32Linear or linear.weight.dtype == torch.float32
+
+
+def equal_upcast(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values once upcast to float32, compared UPCAST_ELEMENTS at a
+    time (a vocabulary-sized head whole in float32 would be a 2.1 GB temporary)."""
+    if a.shape != b.shape or a.device != b.device:
+        return False
+    a, b = a.reshape(-1), b.reshape(-1)
+    return all(torch.equal(a[i : i + UPCAST_ELEMENTS].float(), b[i : i + UPCAST_ELEMENTS].float()) for i in range(0, a.numel(), UPCAST_ELEMENTS))
+
+
 class _Float32Embedding(torch.nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(ids).float()  # rows looked up, then upcast: the same values as a float32 table

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from qmerge.errors import QmergeError
+from qmerge.models.float32 import equal_upcast, float32_weights
 
 LayerCallback = Callable[[int, torch.Tensor], None]
 
@@ -76,19 +77,18 @@ def head_logits(config, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Te
 
 
 def same_head(a: functools.partial, b: functools.partial) -> bool:
-    """Whether two `Taps.projection`s compute the same function: one head, or heads of one class with
-    the class's own forward holding equal tensors (same dtype, device and values), under the same
-    logit post-processing."""
+    """Whether two `Taps.projection`s compute the same function: one head; or two linear heads that
+    compute as float32 nn.Linear does (a 16-bit one upcasting per use projects exactly what a float32
+    copy does: models.float32) on equal values, under the same logit post-processing. So a candidate
+    carrying the base's 16-bit head is projected with the reference's float32 one, and holds nothing."""
     (config_a, head_a), (config_b, head_b) = a.args, b.args
     if head_a is head_b:
         return True
-    patched = "forward" in head_a.__dict__ or "forward" in head_b.__dict__  # a per-instance forward (accelerate's hooks): not compared
-    if patched or type(head_a) is not type(head_b) or any(getattr(config_a, k, None) != getattr(config_b, k, None) for k in _POST_PROCESSING):
+    if not (float32_weights(head_a) and float32_weights(head_b)) or any(getattr(config_a, k, None) != getattr(config_b, k, None) for k in _POST_PROCESSING):
         return False
-    tensors_a, tensors_b = [*head_a.parameters(), *head_a.buffers()], [*head_b.parameters(), *head_b.buffers()]
-    return len(tensors_a) == len(tensors_b) and all(
-        x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y) for x, y in zip(tensors_a, tensors_b)
-    )
+    if (head_a.bias is None) != (head_b.bias is None):
+        return False
+    return equal_upcast(head_a.weight, head_b.weight) and (head_a.bias is None or equal_upcast(head_a.bias, head_b.bias))
 
 
 class Taps:

@@ -137,8 +137,9 @@ def gptq_stage(name: str, s: Shape, settings: RunSettings, base: int, cuda: bool
 
 
 def drift_stage(s: Shape, settings: RunSettings, base: int, batch: int, stream: str | None, cache: tuple[int, int], cuda: bool) -> StagePlan:
-    """The reference, the largest candidate beside it and a 16-bit head the candidates scored before it
-    left (eval.drift.Scoring: their token statistics come last), one batch's activations and a logits
+    """The reference, the largest candidate beside it and a 16-bit head a candidate scored before it
+    may leave (eval.drift.Scoring: their token statistics come last; one whose head differs from the
+    reference's, an adapter training the head), one batch's activations and a logits
     chunk; `cache`: the reference cache's bytes (in memory, on disk), and as much again per layer for
     each candidate's final hidden states."""
     in_memory, on_disk = cache

@@ -102,7 +102,7 @@ def test_run_written_to_a_log_file_shows_gptq_and_drift_progress(tiny_base, tiny
     for m in map(LINE.match, text.splitlines()):
         if m:
             seen.setdefault(m["desc"], []).append(m)
-    batches = 4 * SMALL_RUN["eval_samples"]  # the reference once, then merged, gptq and the noise floor, each over the eval windows
+    batches = 5 * SMALL_RUN["eval_samples"]  # the reference once, merged, gptq and the noise floor, then all their token statistics, each over the eval windows
     for stage, total in (("gptq", "2"), ("drift", str(batches))):
         assert stage in seen and all(m["total"] == total for m in seen[stage]), (stage, text[-3000:])
         assert any(re.fullmatch(r"\d+:\d\d", m["eta"]) for m in seen[stage]), (stage, [m.group() for m in seen[stage]])

@@ -142,10 +142,10 @@ class Scoring:
 
     A candidate's forward gives its layer drift at once; its token statistics wait, as its final
     hidden states (H floats a position) and its head (the reference's where it computes the same
-    function, as the base's 16-bit head does: nothing more is held), until `results`, which projects the reference's
-    logits and takes its log-probabilities and top-k once per batch for every candidate waiting:
-    per candidate that is a head projection and a float64 log-softmax over the vocabulary saved
-    (a fifth of a candidate's cost on a CPU at a 49k vocabulary)."""
+    function, as the base's 16-bit head does: nothing more is held), until `results`, which
+    projects the reference's logits and takes its log-probabilities and top-k once per span for
+    every candidate waiting: per candidate a head projection and a float64 log-softmax over the
+    vocabulary saved (about a fifth of a candidate's cost on a CPU at a 49k vocabulary)."""
 
     def __init__(self, reference: torch.nn.Module, windows: Sequence[torch.Tensor], batch_size: int = 1, scored_bytes: Sequence[int | None] | None = None,
                  cache_budget: int = CACHE_BUDGET, cache_dir: Path | None = None) -> None:
@@ -171,6 +171,7 @@ class Scoring:
         its final hidden states kept (in memory up to an eighth of the cache budget, on disk beyond)
         with its head for `results`. `model` itself may go once this returns."""
         taps, done = Taps(model), 0
+        self._close_waiting([name])  # scored again: its earlier pass is replaced
         finals = ReferenceCache(self.final_bytes, self.cache_budget // 8, self.cache_dir)
         for tally in self.tallies:
             for key, ids in tally.batches(self.batch_size):
@@ -207,16 +208,18 @@ class Scoring:
                     done += 1
                     step(done)
         finally:
-            for _, finals in self.waiting.values():
-                finals.close()
-            self.waiting.clear()
+            self._close_waiting(list(self.waiting))
+
+    def _close_waiting(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name in self.waiting:
+                self.waiting.pop(name)[1].close()
 
     def __enter__(self) -> Scoring:
         return self
 
     def __exit__(self, *exc) -> None:
-        for _, finals in self.waiting.values():
-            finals.close()
+        self._close_waiting(list(self.waiting))
         self.cache.close()
 
 

@@ -111,16 +111,16 @@ def compare(ref_project: Projection, ref_hidden: torch.Tensor, candidates: Mappi
     make five 200 MB float64 tensors; chunked, a few MB whatever the length."""
     parts: dict[str, list[TokenStats]] = {name: [] for name in candidates}
     for b, span in spans(*targets.shape, head_positions(vocab)):
-        t = targets[b : b + 1, span]
         ref_logits = ref_project(ref_hidden[b : b + 1, span])
+        t = targets[b : b + 1, span].to(ref_logits.device)
         chunks = [c for _, c in spans(1, t.shape[1])]
-        ref_lp = torch.empty(ref_logits.shape, dtype=torch.float64, device=ref_logits.device)  # one block: glibc maps it apart and unmaps it whole
+        ref_lp = torch.empty(ref_logits.shape, dtype=torch.float64, device=ref_logits.device)  # one allocation, not one per chunk held across the candidates
         for c in chunks:
             ref_lp[:, c] = log_probs(ref_logits[:, c])
         del ref_logits
         refs = [reference_stats(ref_lp[:, c], t[:, c]) for c in chunks]
         for name, (project, hidden) in candidates.items():
-            logits = project(hidden[b : b + 1, span])
+            logits = project(hidden[b : b + 1, span]).to(ref_lp.device)  # a head elsewhere (spread over GPUs) is compared where the reference's is
             parts[name] += [token_stats(ref, log_probs(logits[:, c])) for ref, c in zip(refs, chunks)]
             del logits
             trim()  # the span's freed float64 chunks, before the next candidate's: without it glibc's heap grew 0.5-1 GB over a window
